@@ -1,0 +1,39 @@
+# openedge-function: `make run` serves the example, `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= example/etc/application.yml
+PYTEST_ARGS ?=
+
+.PHONY: install proto broker run test check clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py protos/function.proto
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(MAKE) --no-print-directory proto
+	touch $@
+
+# The gRPC stubs are generated from protos/function.proto, never edited.
+proto:
+	$(PY) -m grpc_tools.protoc -Iruntime_python/_pb=protos --python_out=. --grpc_python_out=. \
+		runtime_python/_pb/function.proto
+
+# A mosquitto on 127.0.0.1:1883 for `make run` (installed with apt-get when missing).
+broker:
+	@bash scripts/ensure-broker.sh
+
+run: install broker
+	$(VENV)/bin/openedge-function -c $(CONFIG)
+
+check: install
+	$(VENV)/bin/openedge-function --check -c $(CONFIG)
+
+test: install
+	@bash scripts/ensure-broker.sh --binary-only
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info runtime_python/_pb/function_pb2*.py var
