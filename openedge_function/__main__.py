@@ -1,0 +1,5 @@
+import sys
+
+from openedge_function.cli import main
+
+sys.exit(main())

@@ -1,0 +1,122 @@
+"""Errors of the daemon, and the error envelope published for a failed invocation.
+
+OpenEdgeFunctionError                 base of everything the daemon raises on purpose
+├── ConfigError                       application.yml is wrong: names file, field and value
+└── InvocationError                   one message could not be answered with a result
+    ├── HandlerError                  the handler raised: errorType is the exception's class
+    ├── ResultEncodingError           the handler's result could not be encoded
+    ├── FunctionTimeout               ran past instance.timeout; the instance was killed
+    ├── MemoryLimitExceeded           RSS past instance.memory; the instance was killed
+    ├── InstanceCrashed               the instance process died during the invocation
+    ├── FunctionLoadError             the handler or initializer could not be loaded
+    └── MessageTooLarge               payload over instance.message.length.max
+"""
+from __future__ import annotations
+
+import base64
+import json
+from typing import Optional, Sequence
+
+__all__ = [
+    "OpenEdgeFunctionError", "ConfigError", "InvocationError", "HandlerError",
+    "ResultEncodingError", "FunctionTimeout", "MemoryLimitExceeded", "InstanceCrashed",
+    "FunctionLoadError", "MessageTooLarge", "Packet", "build_envelope",
+]
+
+
+class OpenEdgeFunctionError(Exception):
+    """Base class of the daemon's own errors."""
+
+
+class ConfigError(OpenEdgeFunctionError):
+    """A configuration error: the file, the field path and what is wrong with its value."""
+
+    def __init__(self, file: str, field: str, message: str) -> None:
+        self.file = file
+        self.field = field
+        self.message = message
+        super().__init__(f"{file}: {field}: {message}" if field else f"{file}: {message}")
+
+
+class InvocationError(OpenEdgeFunctionError):
+    """An invocation ended without a result; `error_type` is what the envelope says."""
+
+    error_type = "InvocationError"
+
+    def __init__(self, message: str, stack_trace: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.stack_trace = list(stack_trace)
+
+
+class HandlerError(InvocationError):
+    """The handler raised; the envelope carries the exception's own class name."""
+
+    def __init__(self, error_type: str, message: str, stack_trace: Sequence[str] = ()) -> None:
+        super().__init__(message, stack_trace)
+        self.error_type = error_type
+
+
+class ResultEncodingError(InvocationError):
+    error_type = "ResultEncodingError"
+
+
+class FunctionTimeout(InvocationError):
+    error_type = "FunctionTimeout"
+
+
+class MemoryLimitExceeded(InvocationError):
+    error_type = "MemoryLimitExceeded"
+
+
+class InstanceCrashed(InvocationError):
+    error_type = "InstanceCrashed"
+
+
+class FunctionLoadError(InvocationError):
+    error_type = "FunctionLoadError"
+
+
+class MessageTooLarge(InvocationError):
+    error_type = "MessageTooLarge"
+
+
+class Packet:
+    """The input message as the envelope's `packet` shows it (OpenEdge's layout)."""
+
+    __slots__ = ("topic", "payload", "qos", "retain", "dup", "mid")
+
+    def __init__(self, topic: str, payload: bytes, qos: int, retain: bool, dup: bool, mid: int) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        self.dup = dup
+        self.mid = mid
+
+    def as_dict(self) -> dict:
+        return {
+            "Message": {
+                "Topic": self.topic,
+                "Payload": base64.b64encode(self.payload).decode("ascii"),
+                "QOS": self.qos,
+                "Retain": self.retain,
+            },
+            "Dup": self.dup,
+            "ID": self.mid,
+        }
+
+
+def build_envelope(error: InvocationError, request_id: str, function_name: str,
+                   packet: Optional[Packet]) -> bytes:
+    """The JSON error envelope published in place of a result (UTF-8, non-ASCII kept)."""
+    envelope = {
+        "errorMessage": error.message,
+        "errorType": error.error_type,
+        "stackTrace": error.stack_trace,
+        "requestId": request_id,
+        "functionName": function_name,
+    }
+    if packet is not None:
+        envelope["packet"] = packet.as_dict()
+    return json.dumps(envelope, ensure_ascii=False).encode("utf-8")

@@ -1,0 +1,252 @@
+"""One instance: a runtime_python process with its gRPC server on a Unix socket, and our client.
+
+An instance is used only after it proved ready (its status line, then a Ping over gRPC). Stopping
+escalates and always reaps: SIGTERM to the process group, a grace period, SIGKILL, wait.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, Optional
+
+import itertools
+
+import grpc
+
+from runtime_python._pb import function_pb2 as pb
+from runtime_python._pb import function_pb2_grpc as pb_grpc
+
+from .config import Function
+from .errors import FunctionLoadError, InstanceCrashed
+from .lifecycle import Lifecycle, State
+from .watch import LineSplitter, Watcher
+
+log = logging.getLogger(__name__)
+
+# The runtime package sits beside this one; an interpreter other than ours finds it through this.
+_RUNTIME_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(pb.__file__))))
+_SOCKETS = itertools.count(1)
+_BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Keep-alive pings would only wake idle instances; the socket is local.
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+    ("grpc.enable_retries", 0),
+]
+
+
+def instance_environment(function: Function, instance_id: str) -> Dict[str, str]:
+    """The function's env over a minimal base; the daemon's own environment (and so the broker
+    credentials) never reaches an instance."""
+    env = {
+        "PATH": _BASE_PATH,
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+        "HOME": os.environ.get("HOME", "/"),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    if function.python:
+        env["PYTHONPATH"] = _RUNTIME_ROOT
+    env.update(function.env)
+    env["OPENEDGE_FUNCTION_NAME"] = function.name
+    env["OPENEDGE_FUNCTION_INSTANCE_ID"] = instance_id
+    return env
+
+
+def describe_exit(returncode: Optional[int]) -> str:
+    if returncode is None:
+        return "is still running"
+    if returncode < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class Instance:
+    """A runtime process and the gRPC client that talks to it; one invocation at a time."""
+
+    def __init__(self, function: Function, seq: int, rundir: str, watcher: Watcher,
+                 on_lost: Callable[["Instance"], None]) -> None:
+        self.function = function
+        self.id = f"{function.name}-{seq}"
+        self.lifecycle = Lifecycle()
+        # Socket names are unique across every pool of the daemon: a reused path would be taken over.
+        self.socket_path = os.path.join(rundir, f"{next(_SOCKETS)}.sock")
+        self.process: Optional[subprocess.Popen] = None
+        self.lost = threading.Event()          # its status socket closed: the process is going
+        self.memory_exceeded: Optional[int] = None   # RSS that got it killed
+        self._watcher = watcher
+        self._on_lost = on_lost
+        self._ready = threading.Event()
+        self._load_error: Optional[Dict[str, Any]] = None
+        self._channel: Optional[grpc.Channel] = None
+        self.invoke: Callable[..., Any] = self._not_started
+
+    @property
+    def state(self) -> State:
+        return self.lifecycle.state
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.process.pid if self.process else None
+
+    def _not_started(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"instance {self.id} is not started")
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def start(self, ready_timeout: float) -> None:
+        """Spawn the runtime and wait until it serves. Raises FunctionLoadError or InstanceCrashed."""
+        fn = self.function
+        ours, theirs = socket.socketpair()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        command = [
+            fn.python or sys.executable, "-m", "runtime_python",
+            "--function", fn.name, "--handler", fn.handler, "--codedir", fn.codedir,
+            "--socket", self.socket_path, "--instance-id", self.id,
+            "--status-fd", str(theirs.fileno()), "--parent-pid", str(os.getpid()),
+            "--timeout-ms", str(int(fn.instance.timeout * 1000)),
+        ]
+        if fn.initializer:
+            command += ["--initializer", fn.initializer]
+        try:
+            self.process = subprocess.Popen(
+                command, cwd=fn.codedir, env=instance_environment(fn, self.id),
+                stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+                pass_fds=(theirs.fileno(),), start_new_session=True,
+            )
+        except OSError as exc:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            ours.close()
+            self.lifecycle.to(State.EXITED)
+            raise InstanceCrashed(f"instance {self.id}: cannot start {command[0]}: {exc}") from None
+        finally:
+            theirs.close()
+            os.close(out_w)
+            os.close(err_w)
+        log.debug("instance %s: started pid %s", self.id, self.process.pid)
+        if fn.instance.cpus:
+            try:
+                os.sched_setaffinity(self.process.pid, fn.instance.cpus)
+            except OSError as exc:
+                log.warning("instance %s: cannot pin to CPUs %s: %s", self.id, fn.instance.cpus, exc)
+        # From here on the watcher owns these descriptors and closes them at end-of-file.
+        status = LineSplitter(self._on_status_line)
+        self._watcher.add(ours.detach(), lambda chunk: self._on_status(status, chunk))
+        self._watcher.add(out_r, LineSplitter(lambda line: self._on_output(line, logging.INFO)).feed)
+        self._watcher.add(err_r, LineSplitter(lambda line: self._on_output(line, logging.WARNING)).feed)
+
+        if not self._ready.wait(ready_timeout):
+            self.kill()
+            raise InstanceCrashed(f"instance {self.id} did not become ready within {ready_timeout:g}s")
+        if self._load_error is not None:
+            self._end(None, 2.0)   # it is exiting with its own status; don't cut that short
+            raise FunctionLoadError(self._load_error.get("message", "cannot load the handler"),
+                                    self._load_error.get("stackTrace", []))
+        if self.lost.is_set():
+            self.kill()
+            raise InstanceCrashed(f"instance {self.id} {describe_exit(self.process.returncode)} "
+                                  "during start-up")
+        self._channel = grpc.insecure_channel(f"unix:{self.socket_path}", options=_CHANNEL_OPTIONS)
+        stub = pb_grpc.FunctionStub(self._channel)
+        try:
+            stub.Ping(pb.PingRequest(), timeout=max(5.0, ready_timeout))
+        except grpc.RpcError as exc:
+            self.kill()
+            raise InstanceCrashed(f"instance {self.id} does not answer: {exc.code().name}") from None
+        self.invoke = stub.Invoke
+        self.lifecycle.to(State.IDLE)
+
+    def _on_status(self, lines: LineSplitter, chunk: bytes) -> None:
+        lines.feed(chunk)
+        if not chunk:
+            self.lost.set()
+            self._ready.set()
+            self._on_lost(self)
+
+    def _on_status_line(self, line: str) -> None:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            log.warning("instance %s: unreadable status line %r", self.id, line)
+            return
+        if "load_error" in message:
+            self._load_error = message["load_error"]
+        self._ready.set()
+
+    def _on_output(self, line: str, level: int) -> None:
+        log.log(level, "[%s] %s", self.id, line)
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def stop(self, grace: float = 3.0) -> None:
+        """SIGTERM the process group, wait up to `grace`, then SIGKILL; always reap."""
+        self._end(signal.SIGTERM, grace)
+
+    def kill(self) -> None:
+        """SIGKILL the process group (handler subprocesses too) and reap."""
+        self._end(None, 0.0)
+
+    def _end(self, first: Optional[int], grace: float) -> None:
+        """Send `first` to the group, give it `grace` seconds, SIGKILL what is left, reap."""
+        if self.state is not State.EXITED:
+            self.lifecycle.to(State.STOPPING)
+        self._close_channel()
+        proc = self.process
+        if proc is not None and proc.returncode is None:
+            if first is not None:
+                self._signal_group(first)
+            if grace > 0 and not self._exited_within(grace):
+                log.warning("instance %s: still running %gs after %s, killing it", self.id, grace,
+                            signal.Signals(first).name if first else "its load failure")
+            # The leader is not reaped yet, so its pid still names our group, not a stranger's.
+            self._signal_group(signal.SIGKILL)
+            proc.wait()
+        self.lifecycle.to(State.EXITED)
+
+    def _exited_within(self, seconds: float) -> bool:
+        """Wait for the process to exit without reaping it (its group id stays ours)."""
+        assert self.process is not None
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                if os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG):
+                    return True
+            except ChildProcessError:
+                return True   # already reaped
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+
+    def _signal_group(self, sig: int) -> None:
+        assert self.process is not None
+        try:
+            os.killpg(self.process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _close_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        self.invoke = self._not_started
+        if channel is not None:
+            channel.close()
+
+    def exit_description(self, wait: float = 1.0) -> str:
+        """How the process ended, waiting up to `wait` for it to be gone."""
+        if self.process is None:
+            return "never started"
+        try:
+            self.process.wait(wait)
+        except subprocess.TimeoutExpired:
+            pass
+        return describe_exit(self.process.returncode)

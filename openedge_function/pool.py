@@ -1,0 +1,341 @@
+"""A function's pool of instances: grows with the load up to `max`, shrinks to `min` when idle.
+
+Each instance has one worker thread that starts it, serves invocations one at a time, and stops
+it. An invocation goes to the most recently idle instance (so the others can age out), else waits
+in the pool's queue while a new instance starts (when fewer than `max` exist), else waits for the
+next free one. Starting an instance happens in its own thread, so intake never stalls on it.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Any, Callable, Deque, List, Optional, Set, Union
+
+import grpc
+
+from runtime_python._pb import function_pb2 as pb
+
+from .config import Function
+from .errors import (FunctionLoadError, FunctionTimeout, InstanceCrashed, InvocationError,
+                     MemoryLimitExceeded)
+from .instance import Instance
+from .lifecycle import State
+from .watch import Watcher
+
+log = logging.getLogger(__name__)
+
+Outcome = Union[Any, InvocationError]   # an InvokeResponse, or why there is none
+
+_BACKOFF_FIRST, _BACKOFF_MAX = 1.0, 60.0
+
+
+class Invocation:
+    """One message on its way through a pool; `done(invocation, outcome)` is called exactly once,
+    or `abandon(invocation)` when the daemon is stopping and the message is left to the broker."""
+
+    __slots__ = ("request_id", "topic", "qos", "payload", "timestamp_ms", "mid", "done", "abandon",
+                 "context")
+
+    def __init__(self, request_id: str, topic: str, qos: int, payload: bytes, timestamp_ms: int,
+                 mid: int, done: Callable[["Invocation", Outcome], None],
+                 abandon: Callable[["Invocation"], None], context: Any = None) -> None:
+        self.request_id = request_id
+        self.topic = topic
+        self.qos = qos
+        self.payload = payload
+        self.timestamp_ms = timestamp_ms
+        self.mid = mid
+        self.done = done
+        self.abandon = abandon
+        self.context = context
+
+
+class Pool:
+    """The instances of one function, and the invocations waiting for them."""
+
+    def __init__(self, function: Function, rundir: str, watcher: Watcher, queue_max: int = 0) -> None:
+        self.function = function
+        self._rundir = rundir
+        self._watcher = watcher
+        limits = function.instance
+        self._min, self._max = limits.min, limits.max
+        self._timeout = limits.timeout
+        self._timeout_ms = int(limits.timeout * 1000)
+        self._ready_timeout = max(30.0, limits.timeout)
+        self.queue_max = queue_max or max(64, 16 * limits.max)
+        self._lock = threading.Lock()
+        self._queue: Deque[Invocation] = collections.deque()
+        self._idle: List[_Worker] = []          # a stack: the most recently idle on top
+        self._workers: Set[_Worker] = set()     # every worker whose process is not yet reaped
+        self._starting = 0
+        self._retiring = 0
+        self._seq = 0
+        self._closed = False
+        self._aborting = False
+        self._failure: Optional[InvocationError] = None
+        self._retry_at = 0.0
+        self._backoff = _BACKOFF_FIRST
+        self.dropped = 0
+
+    # -- intake ----------------------------------------------------------------------------
+
+    def submit(self, invocation: Invocation, droppable: bool = False) -> bool:
+        """Hand `invocation` to an instance or queue it. False when it was not taken: the pool is
+        closed, or the queue is full and the invocation `droppable` (QoS 0)."""
+        failure = None
+        with self._lock:
+            if self._closed:
+                return False
+            if self._idle:
+                self._idle.pop().assign(invocation)
+                return True
+            if self._failing() and not self._workers:
+                failure = self._failure
+            elif droppable and len(self._queue) >= self.queue_max:
+                self.dropped += 1
+                return False
+            else:
+                self._queue.append(invocation)
+                self._grow()
+        if failure is not None:
+            invocation.done(invocation, failure)
+        return True
+
+    def start(self) -> None:
+        """Start the `min` instances now (not at the first message)."""
+        with self._lock:
+            self._grow()
+
+    def maintain(self) -> None:
+        """Periodic: restore `min` instances once a failure's back-off has passed."""
+        with self._lock:
+            self._grow()
+
+    def _failing(self) -> bool:
+        return self._failure is not None and time.monotonic() < self._retry_at
+
+    def _grow(self) -> None:
+        """Start instances for queued invocations and for `min` (lock held)."""
+        if self._failing():
+            return
+        live = len(self._workers) - self._retiring
+        wanted = len(self._queue) - self._starting
+        if not self._closed:   # a closing pool still serves its queue, but keeps no minimum
+            wanted = max(wanted, self._min - live)
+        if self._failure is not None:   # after a failure, retry with one instance at a time
+            wanted = min(wanted, 1 - self._starting)
+        for _ in range(max(0, min(wanted, self._max - len(self._workers)))):
+            self._seq += 1
+            instance = Instance(self.function, self._seq, self._rundir, self._watcher, self._on_lost)
+            worker = _Worker(self, instance)
+            self._workers.add(worker)
+            self._starting += 1
+            worker.start()
+
+    # -- called by workers -------------------------------------------------------------------
+
+    def _started(self, worker: "_Worker") -> Optional[Invocation]:
+        with self._lock:
+            self._starting -= 1
+            if self._failure is not None:
+                log.info("function %s: instance %s started, the function works again",
+                         self.function.name, worker.instance.id)
+            self._failure = None
+            self._backoff = _BACKOFF_FIRST
+            return self._next(worker)
+
+    def _start_failed(self, worker: "_Worker", error: InvocationError) -> None:
+        with self._lock:
+            self._starting -= 1
+            self._workers.discard(worker)
+            repeated = self._failure is not None and self._failure.message == error.message
+            self._failure = error
+            self._retry_at = time.monotonic() + self._backoff
+            backoff, self._backoff = self._backoff, min(self._backoff * 2, _BACKOFF_MAX)
+            doomed: List[Invocation] = []
+            if not self._workers:
+                doomed, self._queue = list(self._queue), collections.deque()
+        if not repeated:
+            log.error("function %s: %s: %s (next try in %gs)", self.function.name,
+                      error.error_type, error.message, backoff)
+        for invocation in doomed:
+            invocation.done(invocation, error)
+
+    def _next(self, worker: "_Worker") -> Optional[Invocation]:
+        """The next queued invocation for `worker`, or None after marking it idle (lock held)."""
+        if self._queue:
+            return self._queue.popleft()
+        worker.idle_since = time.monotonic()
+        self._idle.append(worker)
+        return None
+
+    def _after(self, worker: "_Worker") -> Optional[Invocation]:
+        with self._lock:
+            return self._next(worker)
+
+    def _wait(self, worker: "_Worker") -> Optional[Invocation]:
+        """Block until `worker` gets an invocation; None when it should retire instead."""
+        idletime = self.function.instance.idletime
+        while True:
+            with self._lock:
+                if worker.slot is not None:
+                    invocation, worker.slot = worker.slot, None
+                    return invocation
+                now = time.monotonic()
+                expired = now >= worker.idle_since + idletime
+                live = len(self._workers) - self._retiring
+                if self._closed or worker.instance.lost.is_set() or (expired and live > self._min):
+                    self._idle.remove(worker)
+                    self._retiring += 1
+                    worker.retiring = True
+                    return None
+                if expired:   # kept for `min`: start a new idle period
+                    worker.idle_since = now
+                # Cleared under the lock: an assign() from here on sets it again.
+                worker.wake.clear()
+                remaining = worker.idle_since + idletime - now
+            worker.wake.wait(remaining)
+
+    def _retire(self, worker: "_Worker") -> None:
+        """Mark `worker` as leaving because its instance is unusable (lock not held)."""
+        with self._lock:
+            if not worker.retiring:
+                worker.retiring = True
+                self._retiring += 1
+
+    def _gone(self, worker: "_Worker") -> None:
+        with self._lock:
+            self._workers.discard(worker)
+            if worker.retiring:
+                self._retiring -= 1
+            self._grow()
+
+    def _on_lost(self, instance: Instance) -> None:
+        """The watcher saw an instance's process go: wake its worker if it is idle."""
+        with self._lock:
+            for worker in self._idle:
+                if worker.instance is instance:
+                    worker.wake.set()
+        if not self._closed:
+            log.info("instance %s: process %s ended", instance.id, instance.pid)
+
+    def invoke(self, worker: "_Worker", invocation: Invocation) -> "tuple[Outcome, bool]":
+        """Run one invocation on `worker`'s instance: (outcome, whether the instance is reusable)."""
+        instance = worker.instance
+        instance.lifecycle.to(State.BUSY)
+        request = pb.InvokeRequest(
+            request_id=invocation.request_id, topic=invocation.topic, qos=invocation.qos,
+            payload=invocation.payload, timestamp_ms=invocation.timestamp_ms,
+            timeout_ms=self._timeout_ms, message_id=invocation.mid)
+        try:
+            response = instance.invoke(request, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if instance.memory_exceeded is not None:
+                return MemoryLimitExceeded(
+                    f"instance {instance.id} used {instance.memory_exceeded >> 20} MB, over its "
+                    f"limit of {self.function.instance.memory >> 20} MB, and was killed"), False
+            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                return FunctionTimeout(
+                    f"function {self.function.name} timed out after {self._timeout:g}s; "
+                    f"instance {instance.id} was killed"), False
+            instance.kill()
+            return InstanceCrashed(
+                f"instance {instance.id} (pid {instance.pid}) {instance.exit_description()} "
+                f"while running request {invocation.request_id}"), False
+        instance.lifecycle.to(State.IDLE)
+        return response, True
+
+    # -- stopping ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Take no new invocations; instances finish the queue, then stop."""
+        with self._lock:
+            self._closed = True
+            for worker in self._idle:
+                worker.wake.set()
+
+    def abort(self) -> None:
+        """Stop now: queued invocations are abandoned, running ones are killed and abandoned."""
+        with self._lock:
+            self._closed = True
+            self._aborting = True
+            doomed, self._queue = list(self._queue), collections.deque()
+            workers = list(self._workers)
+            for worker in self._idle:
+                worker.wake.set()
+        for invocation in doomed:
+            invocation.abandon(invocation)
+        for worker in workers:
+            if worker.instance.state is State.BUSY:
+                worker.instance.kill()
+
+    def join(self, timeout: float) -> bool:
+        """Wait for every worker to end; True when they all did."""
+        deadline = time.monotonic() + timeout
+        for worker in list(self._workers):
+            worker.join(max(0.0, deadline - time.monotonic()))
+        return not self._workers
+
+    @property
+    def aborting(self) -> bool:
+        return self._aborting
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"instances": len(self._workers), "idle": len(self._idle),
+                    "starting": self._starting, "queued": len(self._queue), "dropped": self.dropped}
+
+    def instances(self) -> List[Instance]:
+        with self._lock:
+            return [w.instance for w in self._workers]
+
+
+class _Worker(threading.Thread):
+    """Starts one instance, feeds it invocations one at a time, and stops it."""
+
+    def __init__(self, pool: Pool, instance: Instance) -> None:
+        super().__init__(name=f"instance-{instance.id}", daemon=True)
+        self.pool = pool
+        self.instance = instance
+        self.wake = threading.Event()
+        self.slot: Optional[Invocation] = None
+        self.idle_since = 0.0
+        self.retiring = False
+
+    def assign(self, invocation: Invocation) -> None:
+        """Give an invocation to this idle worker (pool lock held)."""
+        self.slot = invocation
+        self.wake.set()
+
+    def run(self) -> None:
+        pool, instance = self.pool, self.instance
+        try:
+            instance.start(pool._ready_timeout)
+        except InvocationError as exc:
+            pool._start_failed(self, exc)
+            return
+        log.info("instance %s: ready (pid %s)", instance.id, instance.pid)
+        try:
+            invocation = pool._started(self)
+            while True:
+                if invocation is None:
+                    invocation = pool._wait(self)
+                    if invocation is None:
+                        break
+                outcome, reusable = pool.invoke(self, invocation)
+                if pool.aborting and not reusable:
+                    invocation.abandon(invocation)
+                else:
+                    invocation.done(invocation, outcome)
+                if not reusable:
+                    pool._retire(self)
+                    break
+                invocation = pool._after(self)
+        finally:
+            # The function's timeout escalates quickly: the handler is stuck, not shutting down.
+            instance.stop(grace=0.5 if instance.state is State.BUSY else 3.0)
+            pool._gone(self)
+            log.info("instance %s: stopped", instance.id)

@@ -1,0 +1,5 @@
+import sys
+
+from runtime_python.server import main
+
+sys.exit(main())

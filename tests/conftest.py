@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, Iterator, List
+
+import pytest
+
+from tests.helpers import Broker, DaemonProcess, alive, wait_until, write_handler
+
+
+@pytest.fixture
+def broker(tmp_path) -> Iterator[Broker]:
+    directory = tmp_path / "broker"
+    directory.mkdir()
+    mosquitto = Broker(str(directory)).start()
+    yield mosquitto
+    mosquitto.stop()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path, broker) -> Iterator[Callable[..., DaemonProcess]]:
+    """Starts daemons on `broker`; stops each one and checks that no instance outlived it."""
+    started: List[DaemonProcess] = []
+
+    def start(functions: List[Dict[str, Any]], rules: List[Dict[str, Any]],
+              files: Dict[str, str] = None, wait: bool = True, **extra: Any) -> DaemonProcess:
+        """`files` maps paths under the daemon's directory (codedirs are relative to it) to source."""
+        config = {"hub": {"address": broker.address, "clientid": f"oef-test-{len(started)}"},
+                  "functions": functions, "rules": rules,
+                  "logger": {"level": "debug", "console": True}}
+        config.update(extra)
+        directory = tmp_path / f"daemon{len(started)}"
+        directory.mkdir()
+        for path, source in (files or {}).items():
+            write_handler(str(directory / os.path.dirname(path)), os.path.basename(path), source)
+        daemon = DaemonProcess(str(directory), config)
+        started.append(daemon)
+        return daemon.start(wait=wait)
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+        wait_until(lambda: not alive(sorted(daemon.seen_pids)), 10,
+                   message=f"instances {sorted(daemon.seen_pids)} to exit with the daemon")

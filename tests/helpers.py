@@ -1,0 +1,230 @@
+"""Test helpers: a real mosquitto, a real daemon, a real MQTT client. No mocks."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import paho.mqtt.client as mqtt
+import psutil
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+               message: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    if not found:
+        raise RuntimeError("mosquitto is not installed (make test installs it)")
+    return found
+
+
+class Broker:
+    """A mosquitto of our own on a free loopback port, stopped and restarted by PID."""
+
+    def __init__(self, directory: str, persistence: bool = False, extra: str = "") -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.host = "127.0.0.1"
+        self.config = os.path.join(directory, "mosquitto.conf")
+        self.log = os.path.join(directory, "mosquitto.log")
+        with open(self.config, "w") as fh:
+            fh.write(textwrap.dedent(f"""\
+                listener {self.port} 127.0.0.1
+                allow_anonymous true
+                persistence {'true' if persistence else 'false'}
+                persistence_location {directory}/
+                max_queued_messages 100000
+                max_inflight_messages 100
+                log_dest file {self.log}
+                """) + extra)
+        self.process: Optional[subprocess.Popen] = None
+
+    @property
+    def address(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+    def start(self) -> "Broker":
+        self.process = subprocess.Popen([mosquitto_binary(), "-c", self.config],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._listening, 10, message=f"mosquitto on port {self.port}")
+        return self
+
+    def _listening(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"mosquitto exited with {self.process.returncode}; see {self.log}")
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+class Collector:
+    """An MQTT client that records what arrives on some topics."""
+
+    def __init__(self, broker: Broker, topics: Sequence[str], qos: int = 1) -> None:
+        self.messages: List[mqtt.MQTTMessage] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"collector-{os.getpid()}-{id(self)}")
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_connect = lambda c, *a: c.subscribe([(t, qos) for t in topics])
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise AssertionError("collector could not subscribe")
+
+    def _on_message(self, client: Any, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append(message)
+
+    def wait_for(self, count: int, timeout: float = 15.0) -> List[mqtt.MQTTMessage]:
+        wait_until(lambda: len(self.messages) >= count, timeout,
+                   message=f"{count} messages (have {len(self.messages)})")
+        with self._lock:
+            return list(self.messages)
+
+    def on(self, topic: str) -> List[mqtt.MQTTMessage]:
+        with self._lock:
+            return [m for m in self.messages if m.topic == topic]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def publish(broker: Broker, topic: str, payload: Any, qos: int = 1, count: int = 1) -> None:
+    """Publish and wait until the broker has each message."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{os.getpid()}-{time.monotonic_ns()}")
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        for _ in range(count):
+            info = client.publish(topic, payload, qos)
+            info.wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def write_handler(directory: str, name: str, source: str) -> str:
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, name)
+    with open(path, "w") as fh:
+        fh.write(textwrap.dedent(source))
+    return path
+
+
+class DaemonProcess:
+    """`python -m openedge_function -c application.yml`, started as a user would."""
+
+    def __init__(self, directory: str, config: Dict[str, Any]) -> None:
+        self.directory = directory
+        self.config_path = os.path.join(directory, "application.yml")
+        with open(self.config_path, "w") as fh:
+            yaml.safe_dump(config, fh, allow_unicode=True)
+        self.log_path = os.path.join(directory, "daemon.log")
+        self.process: Optional[subprocess.Popen] = None
+        self.seen_pids: set = set()
+        self.rules = len(config.get("rules") or [])
+
+    def start(self, wait: bool = True) -> "DaemonProcess":
+        self._log = open(self.log_path, "ab")
+        already = self.log().count(": subscribed to ")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "openedge_function", "-c", self.config_path],
+            cwd=self.directory, stdout=self._log, stderr=subprocess.STDOUT)
+        if wait:
+            wait_until(lambda: self.log().count(": subscribed to ") >= already + self.rules, 20,
+                       message="the daemon to subscribe every rule")
+        return self
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+
+    def instance_pids(self) -> List[int]:
+        """The runtime processes this daemon started, alive now (remembered for the teardown)."""
+        if self.process is None:
+            return []
+        pids = []
+        for proc in psutil.process_iter(["cmdline", "ppid"]):
+            cmdline = proc.info["cmdline"] or []
+            if "runtime_python" in cmdline and f"--parent-pid" in cmdline and \
+                    str(self.process.pid) in cmdline:
+                pids.append(proc.pid)
+        self.seen_pids.update(pids)
+        return pids
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def stop(self) -> Optional[int]:
+        if self.process is None:
+            return None
+        self.instance_pids()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+def alive(pids: Sequence[int]) -> List[int]:
+    """The pids of `pids` that still run (zombies count as gone)."""
+    result = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                result.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return result

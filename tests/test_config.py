@@ -1,0 +1,297 @@
+"""application.yml: converters, defaults, OpenEdge's and Baetyl's spellings, and every kind of error."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import yaml
+
+from openedge_function.config import byte_size, duration, load_config, parse_config
+from openedge_function.errors import ConfigError
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("300ms", 0.3), ("30s", 30), ("10m", 600), ("1h", 3600), ("1m30s", 90), ("1.5s", 1.5),
+    ("0", 0), (45, 45), (2.5, 2.5), ("250us", 0.00025), ("1h2m3s", 3723),
+])
+def test_durations(text, seconds):
+    assert duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "10", "ten seconds", "5d", "s", "1m 30s", "-1s", True, [1]])
+def test_bad_durations(text):
+    with pytest.raises(ValueError):
+        duration(text)
+
+
+@pytest.mark.parametrize("text, size", [
+    ("512k", 512 << 10), ("4m", 4 << 20), ("1g", 1 << 30), ("4MB", 4 << 20), ("4MiB", 4 << 20),
+    ("128M", 128 << 20), (1024, 1024), ("100", 100), ("1.5k", 1536), ("0", 0),
+])
+def test_sizes(text, size):
+    assert byte_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "4 megabytes", "k", "-1", -5, "4x", False])
+def test_bad_sizes(text):
+    with pytest.raises(ValueError):
+        byte_size(text)
+
+
+def load(tmp_path, text, name="application.yml"):
+    (tmp_path / "fn").mkdir(exist_ok=True)
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return load_config(str(path), str(tmp_path))
+
+
+MINIMAL = """
+    rules:
+      - id: r1
+        subscribe: {topic: t}
+        compute: {function: f}
+        publish: {topic: t/out}
+    functions:
+      - name: f
+        handler: main.handler
+        codedir: fn
+"""
+
+
+def test_defaults(tmp_path):
+    config = load(tmp_path, MINIMAL)
+    fn = config.functions[0]
+    assert (fn.instance.min, fn.instance.max) == (0, 1)
+    assert fn.instance.idletime == 600 and fn.instance.timeout == 30
+    assert fn.instance.message_max == 4 << 20 and fn.instance.memory == 0
+    assert fn.codedir == str(tmp_path / "fn")
+    assert config.hub.host == "127.0.0.1" and config.hub.port == 1883 and not config.hub.tls
+    rule = config.rules[0]
+    assert rule.subscribe.qos == 0 and rule.publish.qos == 0 and rule.function == "f"
+    assert config.logger.level == "info" and config.logger.console
+
+
+def test_openedge_configuration_loads_unchanged(tmp_path):
+    """OpenEdge 0.1.x's function module configuration, as its example shipped it."""
+    (tmp_path / "app" / "func-nyeosbbch").mkdir(parents=True)
+    config = load(tmp_path, """
+        name: openedge_function
+        mark: modu-e1iluuach
+        hub:
+          address: tcp://:1883
+          username: test
+          password: hahaha
+        rules:
+          - id: rule-e1iluuac1
+            subscribe:
+              topic: t
+              qos: 1
+            compute:
+              function: sayhi
+            publish:
+              topic: t/hi
+              qos: 1
+        functions:
+          - name: 'sayhi'
+            runtime: 'python2.7'
+            handler: 'sayhi.handler'
+            codedir: 'app/func-nyeosbbch'
+            entry: "bin/openedge-function-runtime-python27"
+            env:
+              USER_ID: acuiot
+            instance:
+              min: 0
+              max: 100
+              timeout: 30s
+              idletime: 1m
+              memory: {limit: 50m}
+              cpu: {cpus: 0.5}
+              pids: {limit: 10}
+              message:
+                length:
+                  max: 4m
+        logger:
+          path: var/log/openedge_function.log
+          console: true
+          level: "debug"
+          age: {max: 15}
+          size: {max: 50}
+          backup: {max: 15}
+    """)
+    assert config.hub.host == "127.0.0.1" and config.hub.port == 1883
+    assert config.hub.username == "test" and config.hub.password == "hahaha"
+    fn = config.functions[0]
+    assert fn.instance.max == 100 and fn.instance.memory == 50 << 20 and fn.instance.idletime == 60
+    assert fn.env == {"USER_ID": "acuiot"}
+    assert config.rules[0].id == "rule-e1iluuac1" and config.rules[0].subscribe.qos == 1
+    assert config.logger.level == "debug" and config.logger.path.endswith("var/log/openedge_function.log")
+
+
+def test_baetyl_function_spelling_and_legacy_clientid(tmp_path):
+    config = load(tmp_path, """
+        hub: {address: "ssl://broker.local:8884"}
+        rules:
+          - clientid: func-sayhi-1
+            subscribe: {topic: t}
+            function: {name: f}
+            publish: {topic: t/out}
+        functions:
+          - {name: f, handler: pkg.main.handler, codedir: fn, instance: {memory: 64m, cpu: {setcpus: "0-1,3"}}}
+    """)
+    assert config.rules[0].function == "f" and config.rules[0].clientid == "func-sayhi-1"
+    assert config.hub.tls and config.hub.port == 8884 and config.hub.host == "broker.local"
+    assert config.functions[0].instance.memory == 64 << 20
+    assert config.functions[0].instance.cpus == (0, 1, 3)
+
+
+def error_of(tmp_path, text) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text)
+    return info.value
+
+
+def with_function(**changes):
+    base = yaml.safe_load(textwrap.dedent(MINIMAL))
+    base["functions"][0].update(changes)
+    return yaml.safe_dump(base)
+
+
+def with_rule(**changes):
+    base = yaml.safe_load(textwrap.dedent(MINIMAL))
+    base["rules"][0].update(changes)
+    return yaml.safe_dump(base)
+
+
+@pytest.mark.parametrize("text, field, words", [
+    (with_function(instance={"max": 0}), "functions[0].instance.max", "0 is below the lower bound 1"),
+    (with_function(instance={"max": 101}), "functions[0].instance.max", "above the upper bound 100"),
+    (with_function(instance={"min": 3, "max": 2}), "functions[0].instance.min", "above instance.max 2"),
+    (with_function(instance={"maxx": 2}), "functions[0].instance.maxx", "did you mean 'max'"),
+    (with_function(instance={"timeout": "soon"}), "functions[0].instance.timeout", "'soon' is not a duration"),
+    (with_function(instance={"timeout": "0s"}), "functions[0].instance.timeout", "must be above 0"),
+    (with_function(instance={"memory": "lots"}), "functions[0].instance.memory", "'lots' is not a size"),
+    (with_function(instance={"memory": "1m"}), "functions[0].instance.memory", "below the 8m"),
+    (with_function(instance={"message": {"length": {"max": "big"}}}),
+     "functions[0].instance.message.length.max", "'big' is not a size"),
+    (with_function(handler="nodots"), "functions[0].handler", "not of the form module.function"),
+    (with_function(handler=None), "functions[0].handler", "is required"),
+    (with_function(name="bad name!"), "functions[0].name", "does not match"),
+    (with_function(codedir="missing"), "functions[0].codedir", "'missing': no such directory"),
+    (with_function(runtime="node8.5"), "functions[0].runtime", "not supported"),
+    (with_function(env={"A": {"b": 1}}), "functions[0].env.A", "expected a string"),
+    (with_function(handlr="x.y"), "functions[0].handlr", "did you mean 'handler'"),
+    (with_rule(compute={"function": "nope"}), "rules[0].compute.function", "'nope' is not a function defined"),
+    (with_rule(compute=None), "rules[0].compute", "is required"),
+    (with_rule(subscribe={"topic": "a/#/b"}), "rules[0].subscribe.topic", "'#' must be"),
+    (with_rule(subscribe={"topic": "t", "qos": 2}), "rules[0].subscribe.qos", "2 is above the upper bound 1"),
+    (with_rule(publish={"topic": "out/+"}), "rules[0].publish.topic", "cannot hold wildcards"),
+    (with_rule(publish={"topic": "t", "qos": "one"}), "rules[0].publish.qos", "'one' is not an integer"),
+    (with_rule(function={"name": "f"}), "rules[0].function", "not both"),
+    (with_rule(subscribe="t"), "rules[0].subscribe", "expected a mapping"),
+    ("hub: {address: 'http://x:1'}\n" + textwrap.dedent(MINIMAL), "hub.address", "not tcp://host:port"),
+    ("hub: {address: 'tcp://x:99999'}\n" + textwrap.dedent(MINIMAL), "hub.address", "out of range"),
+    ("hub: {ca: nothere.pem}\n" + textwrap.dedent(MINIMAL), "hub.ca", "no such file"),
+    ("logger: {level: loud}\n" + textwrap.dedent(MINIMAL), "logger.level", "'loud' is not one of"),
+    ("rulez: []\n" + textwrap.dedent(MINIMAL), "rulez", "did you mean 'rules'"),
+    ("functions: {a: 1}\n", "functions", "expected a list"),
+])
+def test_errors_name_the_file_the_field_and_the_value(tmp_path, text, field, words):
+    error = error_of(tmp_path, text)
+    assert error.field == field, str(error)
+    assert words in error.message, str(error)
+    assert str(error).startswith(str(tmp_path / "application.yml") + ": " + field + ": ")
+
+
+def test_duplicates_are_errors(tmp_path):
+    base = yaml.safe_load(textwrap.dedent(MINIMAL))
+    base["functions"].append(dict(base["functions"][0]))
+    error = error_of(tmp_path, yaml.safe_dump(base))
+    assert error.field == "functions[1].name" and "defined twice" in error.message
+    base = yaml.safe_load(textwrap.dedent(MINIMAL))
+    base["rules"].append(dict(base["rules"][0]))
+    error = error_of(tmp_path, yaml.safe_dump(base))
+    assert error.field == "rules[1].id" and "used by another rule" in error.message
+
+
+def test_yaml_syntax_error_says_where(tmp_path):
+    error = error_of(tmp_path, "rules:\n  - id: [unclosed\n")
+    assert "invalid YAML" in str(error) and "line" in str(error)
+
+
+def test_a_missing_file(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path / "nope.yml"))
+    assert "cannot read" in str(info.value) and "nope.yml" in str(info.value)
+
+
+def test_parse_config_accepts_an_empty_document(tmp_path):
+    config = parse_config(None, "empty.yml", str(tmp_path))
+    assert config.rules == () and config.functions == ()
+
+
+class TcpWitness:
+    """A listening socket standing in for the broker, counting who connects to it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+                self.connections += 1
+                conn.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"instance": {"max": 0}}, "functions[0].instance.max"),
+    ({"handler": "x"}, "functions[0].handler"),
+    ({"codedir": "nowhere"}, "functions[0].codedir"),
+    ({"unknown": 1}, "functions[0].unknown"),
+])
+def test_the_daemon_exits_2_before_touching_the_broker(tmp_path, change, field):
+    witness = TcpWitness()
+    try:
+        base = yaml.safe_load(textwrap.dedent(MINIMAL))
+        base["hub"] = {"address": f"tcp://127.0.0.1:{witness.port}"}
+        base["functions"][0].update(change)
+        (tmp_path / "fn").mkdir()
+        path = tmp_path / "application.yml"
+        path.write_text(yaml.safe_dump(base))
+        done = subprocess.run([sys.executable, "-m", "openedge_function", "-c", str(path)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2, done.stderr
+        assert f"{path}: {field}: " in done.stderr
+        assert witness.connections == 0
+    finally:
+        witness.close()
+
+
+def test_check_flag_validates_without_running(tmp_path):
+    (tmp_path / "fn").mkdir()
+    path = tmp_path / "application.yml"
+    path.write_text(textwrap.dedent(MINIMAL))
+    done = subprocess.run([sys.executable, "-m", "openedge_function", "--check", "-c", str(path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "ok" in done.stdout
+    assert os.path.exists(path)
