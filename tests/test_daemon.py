@@ -309,3 +309,20 @@ def test_sigkill_of_the_daemon_leaves_no_instance(broker, daemon_factory, collec
     daemon.signal(signal.SIGKILL)
     daemon.wait(10)
     wait_until(lambda: not alive(pids), timeout=10, message=f"instances {pids} to die with the daemon")
+
+
+def test_reconnects_and_resubscribes_when_the_broker_comes_back(broker, daemon_factory):
+    daemon = daemon_factory([function("echo", "tools.echo")], [rule("r1", "in", "echo", "out")],
+                            files={"fn/tools.py": TOOLS})
+    broker.stop()   # no persistence: the broker forgets the session, the daemon must resubscribe
+    wait_until(lambda: "lost the broker" in daemon.log(), message="the daemon to notice")
+    broker.start()
+    wait_until(lambda: daemon.log().count(": subscribed to in") >= 2, timeout=20,
+               message="the daemon to reconnect and subscribe again")
+    collector = Collector(broker, ["out"])
+    try:
+        publish(broker, "in", b'{"back": true}')
+        out = collector.wait_for(1)
+        assert json.loads(out[0].payload) == {"back": True}
+    finally:
+        collector.close()
