@@ -205,6 +205,7 @@ class Rule:
     publish: Optional[Publication]
     error: Optional[Publication] = None
     clientid: Optional[str] = None
+    retry_max: int = 0          # re-runs after InstanceCrashed (never after an exception or a timeout)
 
     @property
     def name(self) -> str:
@@ -409,7 +410,8 @@ _QOS = bounded_int(0, 1)
 
 def _parse_rule(file: str, index: int, raw: Any, functions: List[str]) -> Rule:
     path = f"rules[{index}]"
-    r = _Reader(file, path, raw, ("id", "clientid", "subscribe", "compute", "function", "publish", "error"))
+    r = _Reader(file, path, raw, ("id", "clientid", "subscribe", "compute", "function", "publish",
+                                  "error", "retry"))
     sub = r.section("subscribe", ("topic", "qos"))
     subscribe = Subscription(sub.get("topic", topic_filter, required=True), sub.get("qos", _QOS, 0))
     if r.has("compute") and r.has("function"):
@@ -436,6 +438,7 @@ def _parse_rule(file: str, index: int, raw: Any, functions: List[str]) -> Rule:
         index=index, id=r.get("id", nonempty_string), subscribe=subscribe, function=fn,
         publish=publication("publish"), error=publication("error"),
         clientid=r.get("clientid", nonempty_string),
+        retry_max=r.section("retry", ("max",)).get("max", bounded_int(0, 10), 0),
     )
 
 

@@ -14,17 +14,14 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
-import psutil
-
 from .config import AppConfig
-from .lifecycle import State
 from .pool import Pool
 from .rules import RuleRunner
 from .watch import Watcher
 
 log = logging.getLogger(__name__)
 
-_TICK = 0.25          # seconds between maintenance passes (memory checks, min instances)
+_TICK = 0.1           # seconds between maintenance passes: memory checks, min instances
 _SHUTDOWN_EXTRA = 5.0  # on top of the longest function timeout, for a graceful stop
 
 
@@ -105,21 +102,7 @@ class Daemon:
     def _maintain(self) -> None:
         for pool in self.pools.values():
             pool.maintain()
-            limit = pool.function.instance.memory
-            if limit:
-                self._enforce_memory(pool, limit)
-
-    @staticmethod
-    def _enforce_memory(pool: Pool, limit: int) -> None:
-        for instance in pool.instances():
-            if instance.state not in (State.IDLE, State.BUSY) or instance.pid is None:
-                continue
-            rss = _tree_rss(instance.pid)
-            if rss > limit:
-                log.warning("instance %s: %d MB resident, over its limit of %d MB: killing it",
-                            instance.id, rss >> 20, limit >> 20)
-                instance.memory_exceeded = rss
-                instance.kill()
+            pool.check_memory()
 
     # -- stopping -------------------------------------------------------------------------------
 
@@ -143,20 +126,10 @@ class Daemon:
         for runner in self.rules:
             runner.client.drain(timeout=5.0)
             runner.client.stop()
+        for pool in self.pools.values():
+            stats = pool.stats()
+            log.info("function %s: peak queue %d, dropped %d QoS 0 messages", pool.function.name,
+                     stats["queue_peak"], stats["dropped"])
         log.info("stopped")
         return 0
 
-
-def _tree_rss(pid: int) -> int:
-    """Resident memory of a process and its descendants, in bytes (0 when it is gone)."""
-    try:
-        process = psutil.Process(pid)
-        total = process.memory_info().rss
-        for child in process.children(recursive=True):
-            try:
-                total += child.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-    except psutil.Error:
-        return 0

@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable, Deque, List, Optional, Set, Union
 
 import grpc
+import psutil
 
 from runtime_python._pb import function_pb2 as pb
 
@@ -36,7 +37,7 @@ class Invocation:
     or `abandon(invocation)` when the daemon is stopping and the message is left to the broker."""
 
     __slots__ = ("request_id", "topic", "qos", "payload", "timestamp_ms", "mid", "done", "abandon",
-                 "context")
+                 "context", "attempts")
 
     def __init__(self, request_id: str, topic: str, qos: int, payload: bytes, timestamp_ms: int,
                  mid: int, done: Callable[["Invocation", Outcome], None],
@@ -50,6 +51,7 @@ class Invocation:
         self.done = done
         self.abandon = abandon
         self.context = context
+        self.attempts = 0
 
 
 class Pool:
@@ -66,6 +68,7 @@ class Pool:
         self._ready_timeout = max(30.0, limits.timeout)
         self.queue_max = queue_max or max(64, 16 * limits.max)
         self._lock = threading.Lock()
+        self._space = threading.Condition(self._lock)   # signalled when the queue shrinks
         self._queue: Deque[Invocation] = collections.deque()
         self._idle: List[_Worker] = []          # a stack: the most recently idle on top
         self._workers: Set[_Worker] = set()     # every worker whose process is not yet reaped
@@ -78,12 +81,16 @@ class Pool:
         self._retry_at = 0.0
         self._backoff = _BACKOFF_FIRST
         self.dropped = 0
+        self.queue_peak = 0
+        self._held_at = float("-inf")
 
     # -- intake ----------------------------------------------------------------------------
 
     def submit(self, invocation: Invocation, droppable: bool = False) -> bool:
-        """Hand `invocation` to an instance or queue it. False when it was not taken: the pool is
-        closed, or the queue is full and the invocation `droppable` (QoS 0)."""
+        """Hand `invocation` to an instance or queue it. When the queue is full, a `droppable`
+        (QoS 0) invocation is dropped and any other one waits for room: the caller is the
+        broker connection's thread, so intake pauses and QoS 1 messages stay at the broker.
+        False when the invocation was not taken (dropped, or the pool is closed)."""
         failure = None
         with self._lock:
             if self._closed:
@@ -93,15 +100,46 @@ class Pool:
                 return True
             if self._failing() and not self._workers:
                 failure = self._failure
-            elif droppable and len(self._queue) >= self.queue_max:
-                self.dropped += 1
-                return False
             else:
-                self._queue.append(invocation)
-                self._grow()
+                if len(self._queue) >= self.queue_max:
+                    if droppable:
+                        self.dropped += 1
+                        return False
+                    self._hold()
+                    if self._closed:
+                        return False
+                self._enqueue(invocation)
         if failure is not None:
             invocation.done(invocation, failure)
         return True
+
+    def retry(self, invocation: Invocation) -> None:
+        """Run `invocation` again, ahead of the queue and whatever its length (never blocks)."""
+        invocation.attempts += 1
+        with self._lock:
+            if self._idle:
+                self._idle.pop().assign(invocation)
+                return
+            self._enqueue(invocation, first=True)
+
+    def _enqueue(self, invocation: Invocation, first: bool = False) -> None:
+        if first:
+            self._queue.appendleft(invocation)
+        else:
+            self._queue.append(invocation)
+        if len(self._queue) > self.queue_peak:
+            self.queue_peak = len(self._queue)
+        self._grow()
+
+    def _hold(self) -> None:
+        """Wait (lock held) until the queue has room or the pool closes."""
+        now = time.monotonic()
+        if now - self._held_at > 10.0:   # once per episode, not once per message
+            log.warning("function %s: all %d instances busy and %d messages queued: pausing intake",
+                        self.function.name, len(self._workers), len(self._queue))
+        self._held_at = now
+        while len(self._queue) >= self.queue_max and not self._closed:
+            self._space.wait(1.0)
 
     def start(self) -> None:
         """Start the `min` instances now (not at the first message)."""
@@ -166,6 +204,7 @@ class Pool:
     def _next(self, worker: "_Worker") -> Optional[Invocation]:
         """The next queued invocation for `worker`, or None after marking it idle (lock held)."""
         if self._queue:
+            self._space.notify()
             return self._queue.popleft()
         worker.idle_since = time.monotonic()
         self._idle.append(worker)
@@ -254,6 +293,7 @@ class Pool:
         """Take no new invocations; instances finish the queue, then stop."""
         with self._lock:
             self._closed = True
+            self._space.notify_all()
             for worker in self._idle:
                 worker.wake.set()
 
@@ -262,6 +302,7 @@ class Pool:
         with self._lock:
             self._closed = True
             self._aborting = True
+            self._space.notify_all()
             doomed, self._queue = list(self._queue), collections.deque()
             workers = list(self._workers)
             for worker in self._idle:
@@ -286,11 +327,43 @@ class Pool:
     def stats(self) -> dict:
         with self._lock:
             return {"instances": len(self._workers), "idle": len(self._idle),
-                    "starting": self._starting, "queued": len(self._queue), "dropped": self.dropped}
+                    "starting": self._starting, "queued": len(self._queue),
+                    "queue_peak": self.queue_peak, "dropped": self.dropped}
+
+    def check_memory(self) -> None:
+        """Kill instances whose resident memory (with their subprocesses) is over the limit; the
+        invocation they run is answered with MemoryLimitExceeded."""
+        limit = self.function.instance.memory
+        if not limit:
+            return
+        for instance in self.instances():
+            if instance.state not in (State.IDLE, State.BUSY) or instance.pid is None:
+                continue
+            rss = _tree_rss(instance.pid)
+            if rss > limit:
+                log.warning("instance %s: %d MB resident, over its limit of %d MB: killing it",
+                            instance.id, rss >> 20, limit >> 20)
+                instance.memory_exceeded = rss
+                instance.kill()
 
     def instances(self) -> List[Instance]:
         with self._lock:
             return [w.instance for w in self._workers]
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident memory of a process and its descendants, in bytes (0 when it is gone)."""
+    try:
+        process = psutil.Process(pid)
+        total = process.memory_info().rss
+        for child in process.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+    except psutil.Error:
+        return 0
 
 
 class _Worker(threading.Thread):

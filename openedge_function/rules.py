@@ -12,8 +12,8 @@ import uuid
 import paho.mqtt.client as mqtt
 
 from .config import Function, Hub, Rule
-from .errors import (FunctionLoadError, HandlerError, InvocationError, MessageTooLarge, Packet, ResultEncodingError,
-                     build_envelope)
+from .errors import (FunctionLoadError, HandlerError, InstanceCrashed, InvocationError,
+                     MessageTooLarge, Packet, ResultEncodingError, build_envelope)
 from .hub import HubClient
 from .pool import Invocation, Outcome, Pool
 
@@ -40,6 +40,7 @@ class RuleRunner:
         self._message_max = function.instance.message_max
         self._publish = rule.publish
         self._error = rule.error or rule.publish
+        self._retry_max = rule.retry_max
         self.received = 0
         self.published = 0
         self.failed = 0
@@ -74,6 +75,12 @@ class RuleRunner:
 
     def _done(self, invocation: Invocation, outcome: Outcome) -> None:
         if isinstance(outcome, InvocationError):
+            if isinstance(outcome, InstanceCrashed) and invocation.attempts < self._retry_max:
+                log.warning("rule %s: request %s: %s; running it again (retry %d of %d)",
+                            self.rule.name, invocation.request_id, outcome.message,
+                            invocation.attempts + 1, self._retry_max)
+                self.pool.retry(invocation)
+                return
             self._fail(invocation, outcome)
             return
         kind = outcome.kind

@@ -8,11 +8,16 @@ import pytest
 from tests.helpers import Broker, DaemonProcess, alive, wait_until, write_handler
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "broker_config(text): extra lines for the test's mosquitto.conf")
+
+
 @pytest.fixture
-def broker(tmp_path) -> Iterator[Broker]:
+def broker(tmp_path, request) -> Iterator[Broker]:
     directory = tmp_path / "broker"
     directory.mkdir()
-    mosquitto = Broker(str(directory)).start()
+    marker = request.node.get_closest_marker("broker_config")
+    mosquitto = Broker(str(directory), extra=marker.args[0] if marker else "").start()
     yield mosquitto
     mosquitto.stop()
 

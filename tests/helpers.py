@@ -98,20 +98,22 @@ class Broker:
 
 
 class Collector:
-    """An MQTT client that records what arrives on some topics."""
+    """An MQTT client that records what arrives on some topics (with no topics: a publisher)."""
 
-    def __init__(self, broker: Broker, topics: Sequence[str], qos: int = 1) -> None:
+    def __init__(self, broker: Broker, topics: Sequence[str], qos: int = 1, inflight: int = 20) -> None:
         self.messages: List[mqtt.MQTTMessage] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"collector-{os.getpid()}-{id(self)}")
         self.client.on_message = self._on_message
+        self.client.max_inflight_messages_set(inflight)   # 0: publish without waiting for acks
         self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.on_connect = lambda c, *a: c.subscribe([(t, qos) for t in topics])
+        self.client.on_connect = lambda c, *a: (c.subscribe([(t, qos) for t in topics]) if topics
+                                                else self._subscribed.set())
         self.client.connect(broker.host, broker.port)
         self.client.loop_start()
         if not self._subscribed.wait(10):
-            raise AssertionError("collector could not subscribe")
+            raise AssertionError("collector could not connect and subscribe")
 
     def _on_message(self, client: Any, userdata: Any, message: mqtt.MQTTMessage) -> None:
         with self._lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import time
 
@@ -59,6 +60,25 @@ def hog(event, context):
     block = bytearray(event["mb"] << 20)
     time.sleep(event.get("hold", 10))
     return len(block)
+
+def crash_once(event, context):
+    marker = os.path.join(os.environ["COUNT_DIR"], "crashed")
+    with open(os.path.join(os.environ["COUNT_DIR"], "calls"), "a") as fh:
+        fh.write("call\\n")
+    if event.get("always") or not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(7)
+    return {"survived": True}
+
+def raise_counted(event, context):
+    with open(os.path.join(os.environ["COUNT_DIR"], "calls"), "a") as fh:
+        fh.write("call\\n")
+    raise KeyError("missing")
+
+def slow_echo(event, context):
+    import time
+    time.sleep(0.01)
+    return event
 
 def sleep(event, context):
     import time
@@ -266,13 +286,13 @@ def test_timeout_answers_with_an_envelope_and_kills_the_instance(broker, daemon_
 
 
 def test_memory_limit_kills_the_instance(broker, daemon_factory, collector):
-    daemon = daemon_factory([function("hog", "tools.hog", instance={"memory": "64m", "timeout": "20s"})],
+    daemon = daemon_factory([function("hog", "tools.hog", instance={"memory": "100m", "timeout": "20s"})],
                             [rule("r1", "in", "hog", "out")], files={"fn/tools.py": TOOLS})
-    publish(broker, "in", b'{"mb": 200}')
+    publish(broker, "in", b'{"mb": 500}')
     out = wait_until(lambda: collector.on("out"), timeout=10, message="the memory envelope")
     envelope = json.loads(out[0].payload)
     assert envelope["errorType"] == "MemoryLimitExceeded"
-    assert "over its limit of 64 MB" in envelope["errorMessage"]
+    assert "over its limit of 100 MB" in envelope["errorMessage"]
     publish(broker, "in", b'{"mb": 1, "hold": 0}')
     wait_until(lambda: len(collector.on("out")) == 2, message="a fresh instance to answer")
     assert json.loads(collector.on("out")[1].payload) == 1 << 20
@@ -326,3 +346,90 @@ def test_reconnects_and_resubscribes_when_the_broker_comes_back(broker, daemon_f
         assert json.loads(out[0].payload) == {"back": True}
     finally:
         collector.close()
+
+
+def test_retry_runs_a_crashed_message_again_on_a_fresh_instance(broker, daemon_factory, collector, tmp_path):
+    env = {"COUNT_DIR": str(tmp_path)}
+    daemon_factory([function("crashy", "tools.crash_once", env=env)],
+                   [rule("r1", "in", "crashy", "out", retry={"max": 1})], files={"fn/tools.py": TOOLS})
+    publish(broker, "in", b"{}")
+    out = wait_until(lambda: collector.on("out"), message="the retried answer")
+    assert json.loads(out[0].payload) == {"survived": True}
+    assert (tmp_path / "calls").read_text().count("call") == 2
+    # A message that crashes every time gets the envelope after its retries.
+    publish(broker, "in", b'{"always": true}')
+    out = wait_until(lambda: len(collector.on("out")) == 2 and collector.on("out"), message="the envelope")
+    envelope = json.loads(out[1].payload)
+    assert envelope["errorType"] == "InstanceCrashed" and "exited with status 7" in envelope["errorMessage"]
+    assert (tmp_path / "calls").read_text().count("call") == 4
+
+
+def test_retry_never_follows_an_exception(broker, daemon_factory, collector, tmp_path):
+    daemon_factory([function("raises", "tools.raise_counted", env={"COUNT_DIR": str(tmp_path)})],
+                   [rule("r1", "in", "raises", "out", retry={"max": 3})], files={"fn/tools.py": TOOLS})
+    publish(broker, "in", b"{}")
+    out = wait_until(lambda: collector.on("out"), message="the envelope")
+    assert json.loads(out[0].payload)["errorType"] == "KeyError"
+    time.sleep(0.5)
+    assert (tmp_path / "calls").read_text().count("call") == 1
+
+
+def test_a_crash_without_retry_is_an_envelope(broker, daemon_factory, collector, tmp_path):
+    daemon_factory([function("crashy", "tools.crash_once", env={"COUNT_DIR": str(tmp_path)})],
+                   [rule("r1", "in", "crashy", "out")], files={"fn/tools.py": TOOLS})
+    publish(broker, "in", b"{}")
+    out = wait_until(lambda: collector.on("out"), message="the envelope")
+    envelope = json.loads(out[0].payload)
+    assert envelope["errorType"] == "InstanceCrashed"
+    assert base64.b64decode(envelope["packet"]["Message"]["Payload"]) == b"{}"
+
+
+@pytest.mark.broker_config("max_inflight_messages 0\n")   # the broker would send everything at once
+def test_a_full_queue_pauses_intake_at_qos1_and_loses_nothing(broker, daemon_factory, collector):
+    daemon = daemon_factory([function("slow", "tools.slow_echo", instance={"max": 1})],
+                            [rule("r1", "in", "slow", "out")], files={"fn/tools.py": TOOLS})
+    count = 400
+    client = Collector(broker, [], inflight=0)   # a publisher that does not wait for each ack
+    try:
+        infos = [client.client.publish("in", json.dumps({"seq": i}), 1) for i in range(count)]
+        for info in infos:
+            info.wait_for_publish(30)
+    finally:
+        client.close()
+    wait_until(lambda: len(collector.on("out")) >= count, timeout=60, message=f"{count} outputs")
+    seqs = sorted(json.loads(m.payload)["seq"] for m in collector.on("out"))
+    assert set(seqs) == set(range(count))   # nothing lost
+    assert "pausing intake" in daemon.log()
+    assert daemon.stop() == 0
+    [peak] = re.findall(r"function slow: peak queue (\d+)", daemon.log())
+    assert int(peak) <= 64
+
+
+def test_qos0_beyond_the_queue_is_dropped_and_counted(broker, daemon_factory, collector):
+    daemon = daemon_factory([function("slow", "tools.sleep", instance={"max": 1})],
+                            [rule("r1", "in", "slow", "out", qos=0, out_qos=0)], files={"fn/tools.py": TOOLS})
+    client = Collector(broker, [])
+    try:
+        for _ in range(150):
+            client.client.publish("in", b'{"sleep": 0.05}', 0)
+    finally:
+        time.sleep(0.5)
+        client.close()
+    wait_until(lambda: "QoS 0 messages dropped" in daemon.log(), message="the drop to be logged")
+    assert daemon.stop() == 0
+    [dropped] = re.findall(r"function slow: peak queue \d+, dropped (\d+)", daemon.log())
+    dropped = int(dropped)
+    assert dropped > 0 and dropped + len(collector.on("out")) == 150
+
+
+def test_a_broken_function_is_retried_after_a_back_off_not_in_a_loop(broker, daemon_factory, collector):
+    daemon = daemon_factory([function("broken", "missing_module.handler", instance={"min": 1})],
+                            [rule("r1", "in", "broken", "out")], files={"fn/tools.py": TOOLS})
+    for _ in range(12):
+        publish(broker, "in", b"{}")
+        time.sleep(0.25)
+    out = wait_until(lambda: len(collector.on("out")) == 12 and collector.on("out"), message="12 envelopes")
+    assert all(json.loads(m.payload)["errorType"] == "FunctionLoadError" for m in out)
+    assert "no module named 'missing_module'" in json.loads(out[0].payload)["errorMessage"]
+    # About three seconds of traffic: tries at 0 s, 1 s, 3 s (back-off 1 s, 2 s, 4 s ...).
+    assert daemon.log().count("started pid") <= 4

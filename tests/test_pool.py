@@ -1,0 +1,225 @@
+"""The pool with real runtime processes: scaling, eviction, min, timeouts. No broker involved."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+
+import psutil
+import pytest
+
+from openedge_function.config import Function, Instance as Limits
+from openedge_function.errors import FunctionTimeout, InvocationError
+from openedge_function.pool import Invocation, Pool
+from openedge_function.watch import Watcher
+from runtime_python._pb import function_pb2 as pb
+from tests.helpers import alive, wait_until, write_handler
+
+HANDLERS = '''
+import os, time
+
+def sleepy(event, context):
+    time.sleep(event.get("sleep", 1))
+    return os.getpid()
+
+def spin(event, context):
+    while True:
+        pass
+
+def c_blocked(event, context):
+    # One C call that holds the GIL for minutes: Python-level signal handlers never get to run.
+    return sum(range(10 ** 12))
+
+def pid(event, context):
+    return os.getpid()
+'''
+
+
+@pytest.fixture
+def watcher():
+    w = Watcher()
+    yield w
+    w.close()
+
+
+class Harness:
+    """A pool of one function, its outcomes, and the runtime processes it started."""
+
+    def __init__(self, tmp_path, watcher, handler: str, **limits) -> None:
+        codedir = tmp_path / "code"
+        write_handler(str(codedir), "handlers.py", HANDLERS)
+        rundir = tmp_path / "run"
+        rundir.mkdir(mode=0o700, exist_ok=True)
+        # A unique function name tells this test's processes apart from any other's.
+        self.name = f"f{uuid.uuid4().hex[:10]}"
+        self.function = Function(name=self.name, handler=handler, codedir=str(codedir),
+                                 instance=Limits(**limits))
+        self.pool = Pool(self.function, str(rundir), watcher)
+        self.outcomes = {}
+        self.finished = {}
+        self.lock = threading.Lock()
+        self.seen = set()
+
+    def submit(self, request_id: str, event: dict) -> None:
+        invocation = Invocation(request_id, "t", 1, json.dumps(event).encode(), 0, 1,
+                                self._done, lambda inv: None)
+        invocation.context = time.monotonic()
+        assert self.pool.submit(invocation)
+
+    def _done(self, invocation, outcome) -> None:
+        with self.lock:
+            self.outcomes[invocation.request_id] = outcome
+            self.finished[invocation.request_id] = time.monotonic() - invocation.context
+
+    def wait(self, *request_ids: str, timeout: float = 30):
+        wait_until(lambda: all(r in self.outcomes for r in request_ids), timeout,
+                   message=f"outcomes of {request_ids}")
+        return [self.outcomes[r] for r in request_ids]
+
+    def processes(self):
+        """The runtime processes of this pool that are alive now."""
+        found = []
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if self.name in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
+                    found.append(child.pid)
+            except psutil.Error:
+                pass
+        self.seen.update(found)
+        return found
+
+    def close(self) -> None:
+        self.pool.close()
+        assert self.pool.join(20)
+        wait_until(lambda: not alive(sorted(self.seen)) and not self.processes(), 10,
+                   message="every instance to be gone")
+
+
+@pytest.fixture
+def harness(tmp_path, watcher):
+    made = []
+
+    def make(handler: str, **limits) -> Harness:
+        h = Harness(tmp_path / str(len(made)), watcher, handler, **limits)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def pid_of(outcome) -> int:
+    assert not isinstance(outcome, InvocationError), outcome
+    return json.loads(outcome.payload)
+
+
+def test_a_burst_scales_up_to_max_and_not_beyond_then_idles_away(harness):
+    h = harness("handlers.sleepy", max=4, idletime=1.5)
+    counts = []
+    stop = threading.Event()
+
+    def count() -> None:
+        while not stop.is_set():
+            counts.append(len(h.processes()))
+            time.sleep(0.02)
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    started = time.monotonic()
+    ids = [f"r{i}" for i in range(8)]
+    for request_id in ids:
+        h.submit(request_id, {"sleep": 1})
+    outcomes = h.wait(*ids)
+    elapsed = time.monotonic() - started
+    stop.set()
+    counter.join()
+    pids = {pid_of(o) for o in outcomes}
+    # Eight one-second calls on four instances: two rounds, not eight.
+    assert len(pids) == 4
+    assert elapsed < 3.8, elapsed
+    assert max(counts) == 4
+    # After idletime, with min 0, every instance is stopped and reaped.
+    wait_until(lambda: not h.processes(), timeout=8, message="idle instances to be stopped")
+    assert not alive(sorted(pids))
+    assert h.pool.stats()["instances"] == 0
+
+
+def test_the_most_recently_idle_instance_is_used_first(harness):
+    h = harness("handlers.pid", max=3)
+    for i in range(3):
+        h.submit(f"warm{i}", {})
+    first = {pid_of(o) for o in h.wait("warm0", "warm1", "warm2")}
+    wait_until(lambda: h.pool.stats()["idle"] == len(first), message="instances to be idle")
+    h.submit("a", {})
+    [a] = h.wait("a")
+    h.submit("b", {})
+    [b] = h.wait("b")
+    assert pid_of(a) == pid_of(b)   # sequential calls keep landing on one instance
+
+
+def test_min_instances_start_at_boot_and_a_killed_one_is_replaced(harness):
+    h = harness("handlers.pid", min=2, max=3, idletime=0.5)
+    h.pool.start()
+    first = wait_until(lambda: len(h.processes()) == 2 and h.processes(), message="two warm instances")
+    wait_until(lambda: h.pool.stats()["idle"] == 2, message="both ready")
+    victim = first[0]
+    os.kill(victim, signal.SIGKILL)
+    # Noticed at once, reaped (not a zombie), and replaced to keep min.
+    wait_until(lambda: victim not in h.processes() and len(h.processes()) == 2, timeout=10,
+               message="the killed instance to be replaced")
+    with pytest.raises(psutil.NoSuchProcess):
+        psutil.Process(victim).status()
+    # min stays even well past idletime.
+    time.sleep(1.5)
+    assert len(h.processes()) == 2
+    h.submit("x", {})
+    assert pid_of(h.wait("x")[0]) in h.processes()
+
+
+@pytest.mark.parametrize("handler", ["handlers.sleepy", "handlers.spin", "handlers.c_blocked"])
+def test_a_timeout_answers_at_once_and_kills_the_instance(harness, handler):
+    h = harness(handler, max=1, timeout=1.0)
+    h.submit("slow", {"sleep": 60})
+    [outcome] = h.wait("slow", timeout=20)
+    assert isinstance(outcome, FunctionTimeout)
+    # Answered within about a second of the timeout, whatever the handler is doing.
+    assert h.finished["slow"] < 1.0 + 1.5 + 2.0, h.finished["slow"]   # + start-up of the instance
+    victims = sorted(h.seen | set(h.processes()))
+    wait_until(lambda: not alive(victims), timeout=5, message="the timed-out instance to die")
+    # Never reused: the next message gets a fresh instance.
+    h.submit("next", {"sleep": 0})
+    if handler == "handlers.sleepy":
+        assert pid_of(h.wait("next")[0]) not in victims
+    else:
+        assert isinstance(h.wait("next")[0], FunctionTimeout)
+
+
+def test_a_full_queue_blocks_qos1_and_drops_qos0(harness):
+    h = harness("handlers.sleepy", max=1)
+    h.pool.queue_max = 2
+    h.submit("busy", {"sleep": 0.5})
+    wait_until(lambda: h.pool.stats()["queued"] == 0 and h.pool.stats()["instances"] == 1,
+               message="the first call to start")
+    h.submit("q1", {"sleep": 0})
+    h.submit("q2", {"sleep": 0})
+    dropped = Invocation("drop", "t", 0, b"{}", 0, 0, h._done, lambda inv: None)
+    assert h.pool.submit(dropped, droppable=True) is False
+    assert h.pool.dropped == 1
+    blocked = threading.Event()
+
+    def submit_third() -> None:
+        h.submit("q3", {"sleep": 0})
+        blocked.set()
+
+    thread = threading.Thread(target=submit_third)
+    thread.start()
+    time.sleep(0.2)
+    assert not blocked.is_set()   # intake waits while the queue is full
+    h.wait("busy", "q1", "q2", "q3")
+    thread.join(5)
+    assert blocked.is_set() and h.pool.queue_peak == 2
+    assert "drop" not in h.outcomes
