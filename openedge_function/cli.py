@@ -2,50 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import logging.handlers
 import os
 import sys
 from typing import List, Optional
 
 from . import __version__
-from .config import LoggerConfig, load_config
+from .config import load_config
 from .daemon import Daemon
 from .errors import ConfigError
+from .logs import setup_logging
 
 EXIT_CONFIG = 2
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record), "level": record.levelname.lower(),
-                 "logger": record.name, "message": record.getMessage()}
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
-
-
-def setup_logging(config: LoggerConfig) -> None:
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    root.setLevel(getattr(logging, config.level.upper()))
-    if config.format == "json":
-        formatter: logging.Formatter = JsonFormatter()
-    else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers: List[logging.Handler] = []
-    if config.path:
-        os.makedirs(os.path.dirname(config.path) or ".", exist_ok=True)
-        handlers.append(logging.handlers.RotatingFileHandler(
-            config.path, maxBytes=config.size_max_mb << 20, backupCount=config.backup_max,
-            encoding="utf-8"))
-    if config.console or not handlers:
-        handlers.append(logging.StreamHandler(sys.stderr))
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        root.addHandler(handler)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -68,4 +35,4 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{args.config}: ok ({len(config.functions)} functions, {len(config.rules)} rules)")
         return 0
     setup_logging(config.logger)
-    return Daemon(config).run()
+    return Daemon(config, args.workdir or os.getcwd()).run()

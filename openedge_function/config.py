@@ -163,6 +163,9 @@ def topic_name(value: Any) -> str:
 # ----------------------------------------------------------------------------------------------
 # The configuration, as the rest of the daemon sees it.
 
+SESSION_NEVER_EXPIRES = 0xFFFFFFFF
+
+
 @dataclass(frozen=True)
 class Hub:
     """The MQTT broker the daemon connects to."""
@@ -181,6 +184,9 @@ class Hub:
     keepalive: float = 60.0
     connect_timeout: float = 30.0
     reconnect_max: float = 60.0
+    protocol: int = 4               # 4: MQTT 3.1.1, 5: MQTT 5
+    session_expiry: int = SESSION_NEVER_EXPIRES   # seconds, MQTT 5 only
+    buffer_max: int = 1000          # QoS 1 outcomes held while the broker is away
 
 
 @dataclass(frozen=True)
@@ -206,6 +212,7 @@ class Rule:
     error: Optional[Publication] = None
     clientid: Optional[str] = None
     retry_max: int = 0          # re-runs after InstanceCrashed (never after an exception or a timeout)
+    ordered: bool = False       # messages of one topic run one after the other
 
     @property
     def name(self) -> str:
@@ -340,7 +347,8 @@ def parse_config(data: Any, file: str, workdir: str) -> AppConfig:
     top = _Reader(file, "", data, ("hub", "rules", "functions", "logger"), _MODULE_KEYS)
     hub = _parse_hub(top.section("hub", (
         "address", "clientid", "username", "password", "ca", "cert", "key", "insecureSkipVerify",
-        "cleansession", "timeout", "interval", "keepalive"), _HUB_LEGACY), workdir)
+        "cleansession", "timeout", "interval", "keepalive", "protocol", "sessionexpiry", "buffer"),
+        _HUB_LEGACY), workdir)
 
     functions: List[Function] = []
     raw_functions = top.data.get("functions") or []
@@ -402,7 +410,25 @@ def _parse_hub(r: _Reader, workdir: str) -> Hub:
         keepalive=r.get("keepalive", duration, 60.0),
         connect_timeout=r.get("timeout", duration, 30.0),
         reconnect_max=r.get("interval", duration, 60.0),
+        protocol=r.get("protocol", _protocol, 4),
+        session_expiry=r.get("sessionexpiry", _session_expiry, SESSION_NEVER_EXPIRES),
+        buffer_max=r.section("buffer", ("max",)).get("max", bounded_int(1, None), 1000),
     )
+
+
+def _protocol(value: Any) -> int:
+    text = string(value).strip().lower().lstrip("v")
+    if text in ("3.1.1", "311", "4"):
+        return 4
+    if text in ("5", "5.0"):
+        return 5
+    raise ValueError(f"{value!r} is not 3.1.1 or 5")
+
+
+def _session_expiry(value: Any) -> int:
+    if isinstance(value, str) and value.strip().lower() in ("never", "forever"):
+        return SESSION_NEVER_EXPIRES
+    return min(int(duration(value)), SESSION_NEVER_EXPIRES)
 
 
 _QOS = bounded_int(0, 1)
@@ -411,7 +437,7 @@ _QOS = bounded_int(0, 1)
 def _parse_rule(file: str, index: int, raw: Any, functions: List[str]) -> Rule:
     path = f"rules[{index}]"
     r = _Reader(file, path, raw, ("id", "clientid", "subscribe", "compute", "function", "publish",
-                                  "error", "retry"))
+                                  "error", "retry", "ordered"))
     sub = r.section("subscribe", ("topic", "qos"))
     subscribe = Subscription(sub.get("topic", topic_filter, required=True), sub.get("qos", _QOS, 0))
     if r.has("compute") and r.has("function"):
@@ -439,6 +465,7 @@ def _parse_rule(file: str, index: int, raw: Any, functions: List[str]) -> Rule:
         publish=publication("publish"), error=publication("error"),
         clientid=r.get("clientid", nonempty_string),
         retry_max=r.section("retry", ("max",)).get("max", bounded_int(0, 10), 0),
+        ordered=r.get("ordered", boolean, False),
     )
 
 

@@ -2,6 +2,13 @@
 
 Signal handlers only queue the signal; the main loop dispatches it and, between signals, keeps the
 pools at their `min` and enforces memory limits.
+
+SIGHUP re-reads the configuration. Unchanged rules and functions keep their connections and
+instances; a changed function gets a new pool at once while its old instances finish what they
+run; a removed or changed rule stops taking messages, settles what it has, unsubscribes (when
+removed) and disconnects before its replacement connects with the same client id. Nothing is lost:
+whatever a stopped connection did not acknowledge, the broker delivers again. A new configuration
+with an error is refused with the error logged, and the running one stays.
 """
 from __future__ import annotations
 
@@ -11,27 +18,33 @@ import select
 import shutil
 import signal
 import tempfile
+import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
-from .config import AppConfig
+from .config import AppConfig, Rule, load_config
+from .errors import ConfigError
+from .logs import setup_logging
 from .pool import Pool
 from .rules import RuleRunner
 from .watch import Watcher
 
 log = logging.getLogger(__name__)
 
-_TICK = 0.1           # seconds between maintenance passes: memory checks, min instances
+_TICK = 0.1            # seconds between maintenance passes: memory checks, min instances
 _SHUTDOWN_EXTRA = 5.0  # on top of the longest function timeout, for a graceful stop
 
 
 class Daemon:
     """Runs the configuration until SIGTERM or SIGINT; `run()` returns the exit status."""
 
-    def __init__(self, config: AppConfig) -> None:
+    def __init__(self, config: AppConfig, workdir: Optional[str] = None) -> None:
         self.config = config
+        self.workdir = workdir or os.getcwd()
         self.pools: Dict[str, Pool] = {}
         self.rules: List[RuleRunner] = []
+        self._leaving: List[Pool] = []              # pools of changed or removed functions
+        self._transitions: List[threading.Thread] = []
         self._signals: List[int] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -76,18 +89,25 @@ class Daemon:
 
     def _start(self) -> None:
         config = self.config
-        assert self._rundir is not None and self._watcher is not None
         for function in config.functions:
-            self.pools[function.name] = Pool(function, self._rundir, self._watcher)
+            self.pools[function.name] = self._pool(function)
         for rule in config.rules:
-            function = config.function(rule.function)
-            self.rules.append(RuleRunner(rule, config.hub, function, self.pools[function.name]))
+            self.rules.append(self._runner(rule, config, self.pools))
         log.info("openedge-function (pid %s): %d functions, %d rules, broker %s",
                  os.getpid(), len(self.pools), len(self.rules), config.hub.address)
         for pool in self.pools.values():
             pool.start()
         for runner in self.rules:
             runner.start()
+
+    def _pool(self, function) -> Pool:
+        assert self._rundir is not None and self._watcher is not None
+        return Pool(function, self._rundir, self._watcher)
+
+    @staticmethod
+    def _runner(rule: Rule, config: AppConfig, pools: Dict[str, Pool]) -> RuleRunner:
+        function = config.function(rule.function)
+        return RuleRunner(rule, config.hub, function, pools[function.name])
 
     def _loop(self) -> None:
         while True:
@@ -96,40 +116,125 @@ class Daemon:
                 log.info("%s: stopping", signal.Signals(signum).name)
                 return
             if signum == signal.SIGHUP:
-                log.warning("SIGHUP: reloading the configuration is not supported yet; restart instead")
+                self._reload()
             self._maintain()
 
     def _maintain(self) -> None:
         for pool in self.pools.values():
             pool.maintain()
             pool.check_memory()
+        for pool in list(self._leaving):
+            pool.check_memory()
+            if pool.join(0):
+                self._leaving.remove(pool)
+        self._transitions = [t for t in self._transitions if t.is_alive()]
+
+    # -- reload -----------------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        try:
+            new = load_config(self.config.file, self.workdir)
+        except ConfigError as exc:
+            log.error("SIGHUP: the new configuration is refused, the running one stays: %s", exc)
+            return
+        old = self.config
+        if new.logger != old.logger:
+            setup_logging(new.logger)
+
+        pools: Dict[str, Pool] = {}
+        for function in new.functions:
+            pool = self.pools.get(function.name)
+            if pool is not None and pool.function == function:
+                pools[function.name] = pool
+            else:
+                pools[function.name] = self._pool(function)
+                pools[function.name].start()
+        leaving = [pool for name, pool in self.pools.items() if pools.get(name) is not pool]
+
+        kept: List[RuleRunner] = []
+        stopping: List[Tuple[RuleRunner, bool]] = []   # (runner, removed for good)
+        starting: List[RuleRunner] = []
+        by_key = {_rule_key(r.rule): r for r in self.rules}
+        for rule in new.rules:
+            runner = by_key.pop(_rule_key(rule), None)
+            if runner is not None and new.hub == old.hub and _same_rule(runner.rule, rule):
+                runner.rule = rule
+                runner.use(new.function(rule.function), pools[rule.function])
+                kept.append(runner)
+                continue
+            if runner is not None:
+                # Same client id: unsubscribe only if the new rule no longer wants that topic.
+                stopping.append((runner, runner.rule.subscribe.topic != rule.subscribe.topic))
+            starting.append(self._runner(rule, new, pools))
+        stopping.extend((runner, True) for runner in by_key.values())
+
+        self.config, self.pools, self.rules = new, pools, kept + starting
+        self._leaving.extend(leaving)
+        log.info("SIGHUP: configuration reloaded: %d rules kept, %d stopped, %d started; "
+                 "%d functions replaced or removed", len(kept), len(stopping), len(starting), len(leaving))
+        transition = threading.Thread(target=self._transition, args=(stopping, starting, leaving),
+                                      name="reload", daemon=True)
+        self._transitions.append(transition)
+        transition.start()
+
+    @staticmethod
+    def _transition(stopping: List[Tuple[RuleRunner, bool]], starting: List[RuleRunner],
+                    leaving: List[Pool]) -> None:
+        """Settle and disconnect the old rules, then connect the new ones; retire old pools."""
+        for runner, _ in stopping:
+            runner.client.stop_intake()
+        for runner, removed in stopping:
+            runner.wait_settled(runner.function.instance.timeout + _SHUTDOWN_EXTRA)
+            runner.client.drain(timeout=5.0)
+            if removed:
+                runner.client.unsubscribe()
+            runner.client.stop()
+        for runner in starting:
+            runner.start()
+        for pool in leaving:
+            pool.close()
 
     # -- stopping -------------------------------------------------------------------------------
 
     def _shutdown(self) -> int:
         """Stop intake, let in-flight work finish and publish, stop every instance."""
+        for transition in self._transitions:
+            transition.join()
         for runner in self.rules:
             runner.client.stop_intake()
-        for pool in self.pools.values():
+        pools = list(self.pools.values()) + self._leaving
+        for pool in pools:
             pool.close()
-        longest = max((p.function.instance.timeout for p in self.pools.values()), default=0.0)
+        longest = max((p.function.instance.timeout for p in pools), default=0.0)
         deadline = time.monotonic() + longest + _SHUTDOWN_EXTRA
-        while not all(pool.join(0) for pool in self.pools.values()):
+        while not all(pool.join(0) for pool in pools):
             if time.monotonic() > deadline or self._next_signal(0.05) in (signal.SIGTERM, signal.SIGINT):
                 log.warning("stopping now: abandoning unfinished invocations to the broker")
-                for pool in self.pools.values():
+                for pool in pools:
                     pool.abort()
-                for pool in self.pools.values():
+                for pool in pools:
                     pool.join(5.0)
                 break
-            self._maintain()
+            for pool in pools:
+                pool.check_memory()
         for runner in self.rules:
             runner.client.drain(timeout=5.0)
             runner.client.stop()
-        for pool in self.pools.values():
+        for pool in pools:
             stats = pool.stats()
             log.info("function %s: peak queue %d, dropped %d QoS 0 messages", pool.function.name,
                      stats["queue_peak"], stats["dropped"])
         log.info("stopped")
         return 0
 
+
+def _rule_key(rule: Rule) -> object:
+    """What identifies a rule across reloads: its id (or legacy client id), else its content."""
+    if rule.id or rule.clientid:
+        return ("id", rule.id, rule.clientid)
+    return ("anonymous", rule.subscribe, rule.function, rule.publish, rule.error)
+
+
+def _same_rule(a: Rule, b: Rule) -> bool:
+    """Equal but for the position in the file."""
+    return a.__class__(**{**a.__dict__, "index": b.index}) == b

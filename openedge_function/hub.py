@@ -16,6 +16,8 @@ from typing import Any, Callable, Dict, Optional, Set
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from .config import Hub
 
@@ -35,12 +37,18 @@ class HubClient:
         self._on_message = on_message
         self.connected = threading.Event()
         self.generation = 0        # bumped on every connect: acks belong to one connection
+        self.overflows = 0         # publishes refused because the outbox was full
         self._lock = threading.Lock()
         self._waiting: Dict[mqtt.MQTTMessageInfo, Callable[[], None]] = {}
         self._early: Set[mqtt.MQTTMessageInfo] = set()
 
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                             clean_session=clean_session, protocol=mqtt.MQTTv311, manual_ack=True)
+        self._clean = clean_session
+        if hub.protocol == 5:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                 protocol=mqtt.MQTTv5, manual_ack=True)
+        else:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                 clean_session=clean_session, protocol=mqtt.MQTTv311, manual_ack=True)
         if hub.username is not None:
             client.username_pw_set(hub.username, hub.password)
         if hub.tls:
@@ -50,6 +58,9 @@ class HubClient:
                 client.tls_insecure_set(True)
         client.reconnect_delay_set(1, max(1, int(hub.reconnect_max)))
         client.max_inflight_messages_set(100)
+        # Outcomes published while the broker is away wait in paho, up to this many; past it the
+        # publish fails and the input stays unacknowledged, for the broker to deliver again.
+        client.max_queued_messages_set(hub.buffer_max)
         client.on_connect = self._connected
         client.on_disconnect = self._disconnected
         client.on_message = self._message
@@ -59,7 +70,14 @@ class HubClient:
         self._client = client
 
     def start(self) -> None:
-        self._client.connect_async(self._hub.host, self._hub.port, keepalive=max(5, int(self._hub.keepalive)))
+        keepalive = max(5, int(self._hub.keepalive))
+        if self._hub.protocol == 5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = 0 if self._clean else self._hub.session_expiry
+            self._client.connect_async(self._hub.host, self._hub.port, keepalive=keepalive,
+                                       clean_start=self._clean, properties=properties)
+        else:
+            self._client.connect_async(self._hub.host, self._hub.port, keepalive=keepalive)
         self._client.loop_start()
 
     def stop(self) -> None:
@@ -73,6 +91,14 @@ class HubClient:
         while self._waiting and self.connected.is_set() and time.monotonic() < deadline:
             time.sleep(0.01)
         return not self._waiting
+
+    def unsubscribe(self, timeout: float = 5.0) -> None:
+        """Drop the subscription from the (persistent) session: for a rule that is removed."""
+        if self.connected.is_set():
+            done = threading.Event()
+            self._client.on_unsubscribe = lambda *args: done.set()
+            if self._client.unsubscribe(self._topic)[0] == mqtt.MQTT_ERR_SUCCESS:
+                done.wait(timeout)
 
     def stop_intake(self) -> None:
         """Take no more messages. The subscription stays (unsubscribing would drop it from the
@@ -126,6 +152,13 @@ class HubClient:
         """Publish; call `then()` once the broker has it (QoS 1) or once it is queued (QoS 0).
         False when a QoS 0 message could not be sent (no connection)."""
         info = self._client.publish(topic, payload, qos)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            self.overflows += 1
+            if self.overflows == 1 or self.overflows % 1000 == 0:
+                log.warning("rule %s: %d outcomes wait for the broker already (hub.buffer.max); "
+                            "their inputs will be delivered again (%d so far)", self.name,
+                            self._hub.buffer_max, self.overflows)
+            return False
         if qos == 0:
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 return False

@@ -113,14 +113,18 @@ class Pool:
             invocation.done(invocation, failure)
         return True
 
-    def retry(self, invocation: Invocation) -> None:
-        """Run `invocation` again, ahead of the queue and whatever its length (never blocks)."""
-        invocation.attempts += 1
+    def push(self, invocation: Invocation, first: bool = False) -> None:
+        """Queue an invocation that was already taken (a retry, the next of an ordered topic):
+        whatever the queue's length, without blocking; ahead of the queue when `first`."""
         with self._lock:
-            if self._idle:
-                self._idle.pop().assign(invocation)
-                return
-            self._enqueue(invocation, first=True)
+            aborting = self._aborting
+            if not aborting:
+                if self._idle:
+                    self._idle.pop().assign(invocation)
+                else:
+                    self._enqueue(invocation, first)
+        if aborting:
+            invocation.abandon(invocation)
 
     def _enqueue(self, invocation: Invocation, first: bool = False) -> None:
         if first:

@@ -2,12 +2,18 @@
 
 The hot path is here and in the pool: no JSON decoding (the runtime does that, on the instance's
 own core), no per-message threads, the payload passed along as paho delivered it.
+
+Every message ends in `_settle`: acknowledged to the broker (QoS 1) once its outcome is published,
+or left unacknowledged for the broker to deliver again when the outcome could not be published.
 """
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 import time
 import uuid
+from typing import Deque, Dict
 
 import paho.mqtt.client as mqtt
 
@@ -27,8 +33,6 @@ class RuleRunner:
 
     def __init__(self, rule: Rule, hub: Hub, function: Function, pool: Pool) -> None:
         self.rule = rule
-        self.function = function
-        self.pool = pool
         if rule.clientid:
             client_id, clean = rule.clientid, hub.clean_session
         elif rule.id:
@@ -37,14 +41,25 @@ class RuleRunner:
             client_id, clean = f"{hub.clientid}-{rule.index}-{uuid.uuid4().hex[:8]}", True
         self.client = HubClient(hub, client_id, clean, rule.subscribe.topic, rule.subscribe.qos,
                                 self._on_message, rule.name)
-        self._message_max = function.instance.message_max
         self._publish = rule.publish
         self._error = rule.error or rule.publish
         self._retry_max = rule.retry_max
+        self.use(function, pool)
+        self._lock = threading.Lock()
+        self.pending = 0               # received and not yet settled
+        # ordered: topic -> messages waiting for the one of that topic in progress
+        self._ordered = rule.ordered
+        self._waiting: Dict[str, Deque[Invocation]] = {}
         self.received = 0
         self.published = 0
         self.failed = 0
         self.dropped = 0
+
+    def use(self, function: Function, pool: Pool) -> None:
+        """Send the next messages to `pool` (its function changed on reload)."""
+        self.function = function
+        self._message_max = function.instance.message_max
+        self.pool = pool
 
     def start(self) -> None:
         self.client.start()
@@ -58,18 +73,40 @@ class RuleRunner:
         invocation = Invocation(str(uuid.uuid4()), message.topic, qos, payload,
                                 int(time.time() * 1000), message.mid, self._done, self._abandon,
                                 (message.retain, message.dup, self.client.generation))
+        with self._lock:
+            self.pending += 1
         if len(payload) > self._message_max:
             self._done(invocation, MessageTooLarge(
                 f"the message has {len(payload)} bytes, over the limit of {self._message_max} "
                 f"(instance.message.length.max of function {self.function.name})"))
             return
+        if self._ordered and self._wait_turn(invocation):
+            return
         if not self.pool.submit(invocation, droppable=qos == 0):
-            # QoS 1 stays unacknowledged: the broker delivers it again.
-            if qos == 0:
+            self._drop(invocation)
+
+    def _wait_turn(self, invocation: Invocation) -> bool:
+        """ordered: True when another message of the topic is in progress and this one waits."""
+        with self._lock:
+            waiting = self._waiting.get(invocation.topic)
+            if waiting is None:
+                self._waiting[invocation.topic] = collections.deque()
+                return False
+            if invocation.qos == 0 and len(waiting) >= self.pool.queue_max:
+                self.pending -= 1
                 self.dropped += 1
-                if self.dropped == 1 or self.dropped % 1000 == 0:
-                    log.warning("rule %s: function %s is saturated, %d QoS 0 messages dropped so far",
-                                self.rule.name, self.function.name, self.dropped)
+                return True
+            waiting.append(invocation)
+            return True
+
+    def _drop(self, invocation: Invocation) -> None:
+        """Not taken (saturated QoS 0, or stopping): QoS 1 stays unacknowledged at the broker."""
+        self._settle(invocation, ack=False)
+        if invocation.qos == 0:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("rule %s: function %s is saturated, %d QoS 0 messages dropped so far",
+                            self.rule.name, self.function.name, self.dropped)
 
     # -- outcomes (worker threads) ----------------------------------------------------------
 
@@ -79,7 +116,8 @@ class RuleRunner:
                 log.warning("rule %s: request %s: %s; running it again (retry %d of %d)",
                             self.rule.name, invocation.request_id, outcome.message,
                             invocation.attempts + 1, self._retry_max)
-                self.pool.retry(invocation)
+                invocation.attempts += 1
+                self.pool.push(invocation, first=True)
                 return
             self._fail(invocation, outcome)
             return
@@ -93,7 +131,7 @@ class RuleRunner:
             return
         publish = self._publish
         if kind == _NONE or publish is None:
-            self._ack(invocation)
+            self._settle(invocation)
             return
         self._send(invocation, publish.topic, outcome.payload, min(invocation.qos, publish.qos))
 
@@ -106,7 +144,7 @@ class RuleRunner:
                 self.function.name, invocation.request_id, error.error_type, error.message)
         target = self._error
         if target is None:
-            self._ack(invocation)
+            self._settle(invocation)
             return
         retain, dup, _ = invocation.context
         payload = b"" if isinstance(error, MessageTooLarge) else invocation.payload
@@ -115,22 +153,42 @@ class RuleRunner:
         self._send(invocation, target.topic, envelope, min(invocation.qos, target.qos))
 
     def _send(self, invocation: Invocation, topic: str, payload: bytes, qos: int) -> None:
-        then = (lambda: self._ack(invocation)) if invocation.qos else None
-        if self.client.publish(topic, payload, qos, then):
+        if self.client.publish(topic, payload, qos, lambda: self._settle(invocation)):
             self.published += 1
         else:
-            log.warning("rule %s: not connected, the outcome of request %s (QoS 0) is lost",
-                        self.rule.name, invocation.request_id)
+            log.debug("rule %s: the outcome of request %s was not published", self.rule.name,
+                      invocation.request_id)
+            self._settle(invocation, ack=False)
 
-    def _ack(self, invocation: Invocation) -> None:
-        if invocation.qos:
+    def _settle(self, invocation: Invocation, ack: bool = True) -> None:
+        """The end of a message here: acknowledge it (QoS 1) and let the next of its topic go."""
+        if ack and invocation.qos:
             self.client.ack(invocation.mid, invocation.qos, invocation.context[2])
+        following = None
+        with self._lock:
+            self.pending -= 1
+            if self._ordered:
+                waiting = self._waiting.get(invocation.topic)
+                if waiting:
+                    following = waiting.popleft()
+                elif waiting is not None:
+                    del self._waiting[invocation.topic]
+        if following is not None:
+            self.pool.push(following)
 
     def _abandon(self, invocation: Invocation) -> None:
         """The daemon is stopping: leave the message unacknowledged for the broker to redeliver."""
         log.debug("rule %s: request %s left to the broker", self.rule.name, invocation.request_id)
+        with self._lock:
+            self.pending -= 1
+
+    def wait_settled(self, timeout: float) -> bool:
+        """Wait until every message received has settled; True when they all did."""
+        deadline = time.monotonic() + timeout
+        while self.pending > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.pending <= 0
 
     def stats(self) -> dict:
         return {"received": self.received, "published": self.published, "failed": self.failed,
-                "dropped": self.dropped}
-
+                "dropped": self.dropped, "pending": self.pending}

@@ -55,6 +55,8 @@ class Broker:
         self.host = "127.0.0.1"
         self.config = os.path.join(directory, "mosquitto.conf")
         self.log = os.path.join(directory, "mosquitto.log")
+        # As root, mosquitto would switch to its own user, who cannot read the test's private
+        # directory (its log, password file, certificates): "user root" keeps ours instead.
         with open(self.config, "w") as fh:
             fh.write(textwrap.dedent(f"""\
                 listener {self.port} 127.0.0.1
@@ -64,7 +66,8 @@ class Broker:
                 max_queued_messages 100000
                 max_inflight_messages 100
                 log_dest file {self.log}
-                """) + extra)
+                """) + ("user root\n" if os.geteuid() == 0 else "") + extra)
+
         self.process: Optional[subprocess.Popen] = None
 
     @property

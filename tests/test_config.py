@@ -295,3 +295,37 @@ def test_check_flag_validates_without_running(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and "ok" in done.stdout
     assert os.path.exists(path)
+
+
+def test_delivery_settings(tmp_path):
+    config = load(tmp_path, """
+        hub: {protocol: 5, sessionexpiry: 2h, buffer: {max: 50}}
+        rules:
+          - id: r1
+            subscribe: {topic: "$share/g/t", qos: 1}
+            compute: {function: f}
+            publish: {topic: t/out, qos: 1}
+            retry: {max: 2}
+            ordered: true
+        functions:
+          - {name: f, handler: main.handler, codedir: fn}
+    """)
+    assert config.hub.protocol == 5 and config.hub.session_expiry == 7200 and config.hub.buffer_max == 50
+    rule = config.rules[0]
+    assert rule.retry_max == 2 and rule.ordered and rule.subscribe.topic == "$share/g/t"
+    defaults = load(tmp_path, MINIMAL, "defaults.yml")
+    assert defaults.hub.protocol == 4 and defaults.hub.session_expiry == 0xFFFFFFFF
+    assert defaults.rules[0].retry_max == 0 and not defaults.rules[0].ordered
+
+
+@pytest.mark.parametrize("text, field, words", [
+    ("hub: {protocol: 6}\n" + textwrap.dedent(MINIMAL), "hub.protocol", "not 3.1.1 or 5"),
+    ("hub: {sessionexpiry: soon}\n" + textwrap.dedent(MINIMAL), "hub.sessionexpiry", "not a duration"),
+    ("hub: {buffer: {max: 0}}\n" + textwrap.dedent(MINIMAL), "hub.buffer.max", "below the lower bound 1"),
+    (with_rule(retry={"max": 11}), "rules[0].retry.max", "above the upper bound 10"),
+    (with_rule(ordered="yes"), "rules[0].ordered", "not true or false"),
+    (with_rule(subscribe={"topic": "$share//t"}), "rules[0].subscribe.topic", "shared subscription"),
+])
+def test_delivery_setting_errors(tmp_path, text, field, words):
+    error = error_of(tmp_path, text)
+    assert error.field == field and words in error.message, str(error)
