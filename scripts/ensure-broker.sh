@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Makes sure mosquitto is installed and, unless --binary-only, that a broker answers on
-# 127.0.0.1:1883 (starting one with scripts/mosquitto.conf when nothing listens there).
+# Makes sure mosquitto (and openssl, which the TLS tests use) is installed and, unless
+# --binary-only, that a broker answers on 127.0.0.1:1883 (starting one with
+# scripts/mosquitto.conf when nothing listens there).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 
@@ -9,12 +10,12 @@ find_mosquitto() {
 }
 
 bin=$(find_mosquitto)
-if [ -z "$bin" ]; then
-    echo "mosquitto is missing: installing it with apt-get" >&2
+if [ -z "$bin" ] || ! command -v mosquitto_pub >/dev/null || ! command -v openssl >/dev/null; then
+    echo "installing mosquitto, its clients and openssl with apt-get" >&2
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mosquitto mosquitto-clients openssl >/dev/null
     bin=$(find_mosquitto)
 fi
 [ -n "$bin" ] || { echo "mosquitto could not be installed" >&2; exit 1; }
