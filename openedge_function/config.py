@@ -20,6 +20,7 @@ from .errors import ConfigError
 
 __all__ = [
     "AppConfig", "Hub", "Rule", "Subscription", "Publication", "Function", "Instance",
+    "Credentials", "Service",
     "LoggerConfig", "load_config", "parse_config", "duration", "byte_size",
 ]
 
@@ -229,6 +230,26 @@ class Instance:
     memory: int = 0                 # RSS limit, 0 = unlimited
     message_max: int = 4 << 20
     cpus: Tuple[int, ...] = ()      # CPU affinity (instance.cpu.setcpus), empty = any
+    cpu_share: float = 0.0          # instance.cpu.cpus: reported to handlers, not enforced
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Handed to handlers as context.credentials (and FunctionGraph's getAccessKey() & co.)."""
+    access_key_id: str = ""
+    access_key_secret: str = field(default="", repr=False)
+    security_token: str = field(default="", repr=False)
+    token: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class Service:
+    """context.service, as Function Compute describes it."""
+    name: str = ""
+    log_project: str = ""
+    log_store: str = ""
+    qualifier: str = "LATEST"
+    version_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -237,10 +258,20 @@ class Function:
     handler: str
     codedir: str                    # absolute
     initializer: Optional[str] = None
+    initializer_timeout: Optional[float] = None   # default: instance.timeout
     runtime: str = "python3"
     python: Optional[str] = None    # interpreter for the instances; default: the daemon's
     env: Mapping[str, str] = field(default_factory=dict)
     instance: Instance = field(default_factory=Instance)
+    event: str = "openedge"         # openedge: JSON-decoded else bytes; raw: always bytes
+    log_max: int = 4096             # handler output kept per invocation
+    version: str = "LATEST"
+    alias: str = ""
+    package: str = "default"
+    region: str = "local"
+    account_id: str = ""
+    credentials: Credentials = field(default_factory=Credentials)
+    service: Service = field(default_factory=Service)
 
 
 @dataclass(frozen=True)
@@ -475,7 +506,8 @@ _MAX = bounded_int(1, 100)
 
 def _parse_function(file: str, path: str, raw: Any, workdir: str) -> Function:
     r = _Reader(file, path, raw, ("name", "handler", "codedir", "initializer", "runtime", "python",
-                                  "env", "instance"), ("id", "entry"))
+                                  "env", "instance", "event", "log", "version", "alias", "package",
+                                  "region", "account_id", "credentials", "service"), ("id", "entry"))
     name = r.get("name", function_name, required=True)
     handler = r.get("handler", entry_point, required=True)
     codedir_text = r.get("codedir", string, ".")
@@ -498,11 +530,40 @@ def _parse_function(file: str, path: str, raw: Any, workdir: str) -> Function:
         if isinstance(value, (dict, list)):
             raise ConfigError(file, f"{path}.env.{key}", f"expected a string, got {_show(value)}")
         env[str(key)] = str(value).lower() if isinstance(value, bool) else str(value)
+    # initializer: module.fn, or {handler: module.fn, timeout: 10s}
+    initializer, initializer_timeout = None, None
+    if isinstance(r.data.get("initializer"), dict):
+        section = r.section("initializer", ("handler", "timeout"))
+        initializer = section.get("handler", entry_point, required=True)
+        initializer_timeout = section.get("timeout", duration)
+        if initializer_timeout is not None and initializer_timeout <= 0:
+            raise section.fail("timeout", "must be above 0")
+    else:
+        initializer = r.get("initializer", entry_point)
+    creds = r.section("credentials", ("access_key_id", "access_key_secret", "security_token", "token"))
+    service = r.section("service", ("name", "log_project", "log_store", "qualifier", "version_id"))
     return Function(
         name=name, handler=handler, codedir=codedir,
-        initializer=r.get("initializer", entry_point), runtime=runtime, python=python, env=env,
+        initializer=initializer, initializer_timeout=initializer_timeout,
+        runtime=runtime, python=python, env=env,
         instance=_parse_instance(r.section("instance", (
             "min", "max", "idletime", "timeout", "memory", "cpu", "pids", "message"))),
+        event=r.get("event", one_of("openedge", "raw"), "openedge"),
+        log_max=r.section("log", ("max",)).get("max", byte_size, 4096),
+        version=r.get("version", string, "LATEST"),
+        alias=r.get("alias", string, ""),
+        package=r.get("package", string, "default"),
+        region=r.get("region", string, "local"),
+        account_id=r.get("account_id", string, ""),
+        credentials=Credentials(**{key: creds.get(key, string, "") for key in (
+            "access_key_id", "access_key_secret", "security_token", "token")}),
+        service=Service(
+            name=service.get("name", string, name),
+            log_project=service.get("log_project", string, ""),
+            log_store=service.get("log_store", string, ""),
+            qualifier=service.get("qualifier", string, "LATEST"),
+            version_id=service.get("version_id", string, ""),
+        ),
     )
 
 
@@ -520,15 +581,22 @@ def _parse_instance(r: _Reader) -> Instance:
         memory = r.get("memory", byte_size, 0)
     if 0 < memory < (8 << 20):
         raise r.fail("memory", f"{memory_value!r} is below the 8m a Python instance needs")
-    cpu = r.section("cpu", ("setcpus",), ("cpus",))
+    cpu = r.section("cpu", ("setcpus", "cpus"))
     cpus = cpu.get("setcpus", _cpu_list, ())
+    cpu_share = cpu.get("cpus", _positive_float, 0.0)
     r.section("pids", (), ("limit",))
     message = r.section("message", ("length",)).section("length", ("max",))
     message_max = message.get("max", byte_size, 4 << 20)
     if message_max < 1:
         raise message.fail("max", "must be above 0")
     return Instance(min=low, max=high, idletime=r.get("idletime", duration, 600.0), timeout=timeout,
-                    memory=memory, message_max=message_max, cpus=cpus)
+                    memory=memory, message_max=message_max, cpus=cpus, cpu_share=cpu_share)
+
+
+def _positive_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{value!r} is not a number above 0")
+    return float(value)
 
 
 def _cpu_list(value: Any) -> Tuple[int, ...]:

@@ -5,6 +5,7 @@ escalates and always reaps: SIGTERM to the process group, a grace period, SIGKIL
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import grpc
 
 from runtime_python._pb import function_pb2 as pb
 from runtime_python._pb import function_pb2_grpc as pb_grpc
+from runtime_python.output import MARK, SEPARATOR
 
 from .config import Function
 from .errors import FunctionLoadError, InstanceCrashed
@@ -29,6 +31,7 @@ from .lifecycle import Lifecycle, State
 from .watch import LineSplitter, Watcher
 
 log = logging.getLogger(__name__)
+output_log = logging.getLogger("openedge_function.handler")   # what handlers print
 
 # The runtime package sits beside this one; an interpreter other than ours finds it through this.
 _RUNTIME_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(pb.__file__))))
@@ -59,6 +62,22 @@ def instance_environment(function: Function, instance_id: str) -> Dict[str, str]
     return env
 
 
+def function_spec(function: Function) -> Dict[str, Any]:
+    """What the runtime's context reports of the function; sent over the status socket, never argv."""
+    limits = function.instance
+    cpus = limits.cpu_share or (len(limits.cpus) if limits.cpus else os.cpu_count() or 1)
+    return {
+        "name": function.name, "handler": function.handler, "initializer": function.initializer,
+        "event": function.event, "log_max": function.log_max,
+        "timeout_ms": int(limits.timeout * 1000), "memory_mb": limits.memory >> 20,
+        "cpu_millicores": int(cpus * 1000),
+        "version": function.version, "alias": function.alias, "package": function.package,
+        "region": function.region, "account_id": function.account_id,
+        "credentials": dataclasses.asdict(function.credentials),
+        "service": dataclasses.asdict(function.service),
+    }
+
+
 def describe_exit(returncode: Optional[int]) -> str:
     if returncode is None:
         return "is still running"
@@ -86,6 +105,8 @@ class Instance:
         self._watcher = watcher
         self._on_lost = on_lost
         self._ready = threading.Event()
+        self._loaded = threading.Event()
+        self.request_id = ""   # the invocation in progress, for output the runtime did not mark
         self._load_error: Optional[Dict[str, Any]] = None
         self._channel: Optional[grpc.Channel] = None
         self.invoke: Callable[..., Any] = self._not_started
@@ -140,15 +161,25 @@ class Instance:
                 os.sched_setaffinity(self.process.pid, fn.instance.cpus)
             except OSError as exc:
                 log.warning("instance %s: cannot pin to CPUs %s: %s", self.id, fn.instance.cpus, exc)
+        try:
+            ours.sendall(json.dumps({"spec": function_spec(fn)}).encode("utf-8") + b"\n")
+        except OSError:
+            pass   # it died already: the status socket's end-of-file says so below
         # From here on the watcher owns these descriptors and closes them at end-of-file.
         status = LineSplitter(self._on_status_line)
         self._watcher.add(ours.detach(), lambda chunk: self._on_status(status, chunk))
         self._watcher.add(out_r, LineSplitter(lambda line: self._on_output(line, logging.INFO)).feed)
         self._watcher.add(err_r, LineSplitter(lambda line: self._on_output(line, logging.WARNING)).feed)
 
-        if not self._ready.wait(ready_timeout):
+        if not self._loaded.wait(ready_timeout):
             self.kill()
-            raise InstanceCrashed(f"instance {self.id} did not become ready within {ready_timeout:g}s")
+            raise InstanceCrashed(f"instance {self.id} did not load its handler within {ready_timeout:g}s")
+        if fn.initializer and not self._ready.is_set():
+            budget = fn.initializer_timeout or fn.instance.timeout
+            if not self._ready.wait(budget):
+                self.kill()
+                raise FunctionLoadError(f"initializer {fn.initializer} did not finish within {budget:g}s "
+                                        "(initializer.timeout)")
         if self._load_error is not None:
             self._end(None, 2.0)   # it is exiting with its own status; don't cut that short
             raise FunctionLoadError(self._load_error.get("message", "cannot load the handler"),
@@ -171,6 +202,7 @@ class Instance:
         lines.feed(chunk)
         if not chunk:
             self.lost.set()
+            self._loaded.set()
             self._ready.set()
             self._on_lost(self)
 
@@ -182,10 +214,17 @@ class Instance:
             return
         if "load_error" in message:
             self._load_error = message["load_error"]
-        self._ready.set()
+        self._loaded.set()
+        if "loaded" not in message:
+            self._ready.set()
 
     def _on_output(self, line: str, level: int) -> None:
-        log.log(level, "[%s] %s", self.id, line)
+        if line.startswith(MARK):
+            request_id, _, line = line[1:].partition(SEPARATOR)
+        else:   # written by a subprocess: it belongs to the invocation in progress
+            request_id = self.request_id
+        output_log.log(level, "function=%s instance=%s request=%s: %s", self.function.name, self.id,
+                       request_id or "-", line)
 
     # -- stopping ---------------------------------------------------------------------------
 

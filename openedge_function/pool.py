@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 import time
 from typing import Any, Callable, Deque, List, Optional, Set, Union
@@ -26,6 +27,7 @@ from .lifecycle import State
 from .watch import Watcher
 
 log = logging.getLogger(__name__)
+summary_log = logging.getLogger("openedge_function.summary")   # one line per invocation
 
 Outcome = Union[Any, InvocationError]   # an InvokeResponse, or why there is none
 
@@ -268,28 +270,50 @@ class Pool:
         """Run one invocation on `worker`'s instance: (outcome, whether the instance is reusable)."""
         instance = worker.instance
         instance.lifecycle.to(State.BUSY)
+        instance.request_id = invocation.request_id
         request = pb.InvokeRequest(
             request_id=invocation.request_id, topic=invocation.topic, qos=invocation.qos,
             payload=invocation.payload, timestamp_ms=invocation.timestamp_ms,
             timeout_ms=self._timeout_ms, message_id=invocation.mid)
+        started = time.monotonic()
         try:
             response = instance.invoke(request, timeout=self._timeout)
         except grpc.RpcError as exc:
-            code = exc.code()
-            if instance.memory_exceeded is not None:
-                return MemoryLimitExceeded(
-                    f"instance {instance.id} used {instance.memory_exceeded >> 20} MB, over its "
-                    f"limit of {self.function.instance.memory >> 20} MB, and was killed"), False
-            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-                return FunctionTimeout(
-                    f"function {self.function.name} timed out after {self._timeout:g}s; "
-                    f"instance {instance.id} was killed"), False
-            instance.kill()
-            return InstanceCrashed(
-                f"instance {instance.id} (pid {instance.pid}) {instance.exit_description()} "
-                f"while running request {invocation.request_id}"), False
+            error, used = self._failure_of(instance, invocation, exc.code())
+            self._summary(invocation, error.error_type, time.monotonic() - started, used)
+            return error, False
         instance.lifecycle.to(State.IDLE)
+        if summary_log.isEnabledFor(logging.INFO):
+            outcome = response.error_type if response.kind == pb.InvokeResponse.ERROR else (
+                "none" if response.kind == pb.InvokeResponse.NONE else "ok")
+            self._summary(invocation, outcome, response.duration_us / 1e6, response.max_rss_kb << 10)
         return response, True
+
+    def _failure_of(self, instance: Instance, invocation: Invocation,
+                    code: grpc.StatusCode) -> "tuple[InvocationError, int]":
+        """Why a call got no answer, and the memory it was seen to use."""
+        if instance.memory_exceeded is not None:
+            return MemoryLimitExceeded(
+                f"instance {instance.id} used {instance.memory_exceeded >> 20} MB, over its "
+                f"limit of {self.function.instance.memory >> 20} MB, and was killed"), instance.memory_exceeded
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return FunctionTimeout(
+                f"function {self.function.name} timed out after {self._timeout:g}s; "
+                f"instance {instance.id} was killed"), 0
+        instance.kill()
+        return InstanceCrashed(
+            f"instance {instance.id} (pid {instance.pid}) {instance.exit_description()} "
+            f"while running request {invocation.request_id}"), 0
+
+    def _summary(self, invocation: Invocation, outcome: str, seconds: float, used: int) -> None:
+        """FunctionGraph's execution summary: one line per invocation."""
+        millis = seconds * 1000
+        billed = max(100, math.ceil(millis / 100) * 100)   # rounded up to 100 ms
+        limit = self.function.instance.memory
+        summary_log.info(
+            "request %s: function %s, memory %s, duration %.2f ms, used %s, billed %d ms, outcome %s",
+            invocation.request_id, self.function.name, f"{limit >> 20} MB" if limit else "unlimited",
+            millis, f"{used >> 20} MB" if used else "unknown", billed, outcome)
 
     # -- stopping ----------------------------------------------------------------------------
 

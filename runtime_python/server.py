@@ -1,8 +1,11 @@
 """One function instance: load the handler, serve gRPC on a Unix socket, answer one call at a time.
 
-Start-up talks to the supervisor over the status socket (an inherited file descriptor): one JSON
-line, `{"ready": pid}` once the server accepts calls, or `{"load_error": {...}}` before exiting with
-EXIT_LOAD_ERROR when the handler or initializer cannot be loaded. The same socket is the
+Start-up talks to the supervisor over the status socket (an inherited file descriptor, JSON lines):
+the supervisor first sends the function's spec (what the context reports: memory, timeout,
+credentials, ... kept out of argv, which anyone on the machine can read); the runtime answers
+`{"loaded": pid}` once the handler imported, `{"ready": pid}` once the initializer ran and the
+server accepts calls, or `{"load_error": {...}}` before exiting with EXIT_LOAD_ERROR when the
+handler or initializer cannot be loaded. The same socket is the
 instance's lifeline: when the supervisor goes away it reads end-of-file, and the instance kills its
 own process group, so no instance outlives the daemon, even one that was SIGKILLed.
 """
@@ -11,16 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import socket
 import sys
 import threading
+import time
 import uuid
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from runtime_python import codec
-from runtime_python.context import Context
+from runtime_python.context import context_class
 from runtime_python.loader import LoadError, load, user_frames
+from runtime_python.output import Budget, LineWriter
 
 EXIT_LOAD_ERROR = 4
 _PR_SET_PDEATHSIG = 1
@@ -49,17 +55,22 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 class Runtime:
     """The loaded handler and what it needs to run one invocation."""
 
-    def __init__(self, args: argparse.Namespace, handler: Callable) -> None:
-        self.function = args.function
+    def __init__(self, args: argparse.Namespace, spec: Dict[str, Any], handler: Callable,
+                 budget: Budget) -> None:
         self.instance_id = args.instance_id
         self.codedir = args.codedir
         self.handler = handler
+        self.context = context_class(spec)
+        self.raw_events = spec.get("event") == "raw"
+        self.budget = budget
 
     def invoke(self, request: Any, pb: Any) -> Any:
         """Run the handler on one request; return an InvokeResponse (never raises)."""
-        event = codec.decode_event(request.payload)
-        context = Context(self.function, self.instance_id, request.request_id,
-                          request.topic, request.qos, request.timestamp_ms)
+        started = time.monotonic()
+        self.budget.start(request.request_id)
+        event = request.payload if self.raw_events else codec.decode_event(request.payload)
+        context = self.context(request.request_id, self.instance_id, request.topic, request.qos,
+                               request.timestamp_ms, started + request.timeout_ms / 1000)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _FATAL)
         try:
             result = self.handler(event, context)
@@ -68,17 +79,23 @@ class Runtime:
             _flush()
             os._exit(exc.code if isinstance(exc.code, int) else 1)
         except BaseException as exc:
-            return pb.InvokeResponse(kind=pb.InvokeResponse.ERROR, error_type=type(exc).__name__,
-                                     error_message=str(exc),
-                                     stack_trace=user_frames(exc, self.codedir))
+            response = pb.InvokeResponse(kind=pb.InvokeResponse.ERROR, error_type=type(exc).__name__,
+                                         error_message=str(exc),
+                                         stack_trace=user_frames(exc, self.codedir))
+        else:
+            try:
+                kind, payload = codec.encode_result(result)
+                response = pb.InvokeResponse(kind=kind, payload=payload)
+            except (TypeError, ValueError) as exc:
+                response = pb.InvokeResponse(kind=pb.InvokeResponse.ERROR,
+                                             error_type="ResultEncodingError",
+                                             error_message=f"the result cannot be encoded: {exc}")
         finally:
             signal.pthread_sigmask(signal.SIG_BLOCK, _FATAL)
-        try:
-            kind, payload = codec.encode_result(result)
-        except (TypeError, ValueError) as exc:
-            return pb.InvokeResponse(kind=pb.InvokeResponse.ERROR, error_type="ResultEncodingError",
-                                     error_message=f"the result cannot be encoded: {exc}")
-        return pb.InvokeResponse(kind=kind, payload=payload)
+        _flush()
+        response.duration_us = int((time.monotonic() - started) * 1e6)
+        response.max_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return response
 
 
 def _flush() -> None:
@@ -123,6 +140,19 @@ def report(status: Optional[socket.socket], message: dict) -> None:
         status.sendall(json.dumps(message).encode("utf-8") + b"\n")
 
 
+def read_spec(status: Optional[socket.socket]) -> Dict[str, Any]:
+    """The first line the supervisor sends: what the context reports of the function."""
+    if status is None:
+        return {}
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = status.recv(65536)
+        if not chunk:
+            os._exit(1)   # the supervisor is gone already
+        data += chunk
+    return json.loads(data).get("spec", {})
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     # Before any thread starts, so that every thread inherits the mask (see _FATAL).
@@ -131,13 +161,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.status_fd is not None:
         status = socket.socket(fileno=args.status_fd)
         status.set_inheritable(False)   # handler subprocesses must not hold the lifeline
+    spec = read_spec(status)
+    spec.setdefault("name", args.function)
+    spec.setdefault("handler", args.handler)
+    spec.setdefault("timeout_ms", args.timeout_ms)
     watch_parent(status, args.parent_pid)
-    # Lines reach the daemon's log as they are printed, not when a buffer fills.
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.reconfigure(line_buffering=True)
-        except AttributeError:
-            pass
+    # What the handler prints reaches the daemon's log line by line, marked with the request id.
+    budget = Budget(int(spec.get("log_max", 4096)))
+    sys.stdout = LineWriter(1, budget, "<stdout>")
+    sys.stderr = LineWriter(2, budget, "<stderr>")
 
     codedir = os.path.abspath(args.codedir)
     args.codedir = codedir
@@ -145,22 +177,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         handler = load(args.handler, codedir, "handler")
         if args.initializer:
             initializer = load(args.initializer, codedir, "initializer")
+            report(status, {"loaded": os.getpid()})
+            request_id = str(uuid.uuid4())
+            budget.start(request_id)
+            context = context_class(spec)(request_id, args.instance_id)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _FATAL)
             try:
-                initializer(Context(args.function, args.instance_id, str(uuid.uuid4())))
+                initializer(context)
             except BaseException as exc:
                 raise LoadError(f"initializer {args.initializer} raised {type(exc).__name__}: {exc}",
                                 user_frames(exc, codedir)) from None
             finally:
                 signal.pthread_sigmask(signal.SIG_BLOCK, _FATAL)
+                _flush()
     except LoadError as exc:
         if status is None:
-            print(exc.message, file=sys.stderr)
+            sys.__stderr__.write(exc.message + "\n")
         report(status, {"load_error": {"message": exc.message, "stackTrace": exc.stack_trace}})
         _flush()
         return EXIT_LOAD_ERROR
 
-    server = serve(Runtime(args, handler), args.socket)
+    server = serve(Runtime(args, spec, handler, budget), args.socket)
     report(status, {"ready": os.getpid()})
 
     stopping = threading.Event()

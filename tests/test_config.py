@@ -329,3 +329,40 @@ def test_delivery_settings(tmp_path):
 def test_delivery_setting_errors(tmp_path, text, field, words):
     error = error_of(tmp_path, text)
     assert error.field == field and words in error.message, str(error)
+
+
+def test_handler_convention_settings(tmp_path):
+    config = load(tmp_path, """
+        functions:
+          - name: f
+            handler: main.handler
+            codedir: fn
+            event: raw
+            log: {max: 1k}
+            initializer: {handler: main.init, timeout: 5s}
+            version: v3
+            credentials: {access_key_id: AK, access_key_secret: SK}
+            service: {qualifier: prod}
+            instance: {cpu: {cpus: 0.5}}
+          - {name: g, handler: main.handler, codedir: fn, initializer: main.init}
+    """)
+    f, g = config.functions
+    assert f.event == "raw" and f.log_max == 1024 and f.version == "v3"
+    assert f.initializer == "main.init" and f.initializer_timeout == 5
+    assert f.credentials.access_key_id == "AK" and f.credentials.security_token == ""
+    assert f.service.qualifier == "prod" and f.service.name == "f"
+    assert f.instance.cpu_share == 0.5
+    assert g.initializer == "main.init" and g.initializer_timeout is None
+    assert "SK" not in repr(f)   # secrets stay out of logs that print the configuration
+
+
+@pytest.mark.parametrize("change, field, words", [
+    ({"event": "json"}, "functions[0].event", "not one of openedge, raw"),
+    ({"initializer": {"timeout": "1s"}}, "functions[0].initializer.handler", "is required"),
+    ({"initializer": {"handler": "m.i", "timeout": "0s"}}, "functions[0].initializer.timeout", "above 0"),
+    ({"credentials": {"secret": "x"}}, "functions[0].credentials.secret", "unknown key"),
+    ({"log": {"max": "lots"}}, "functions[0].log.max", "not a size"),
+])
+def test_handler_convention_errors(tmp_path, change, field, words):
+    error = error_of(tmp_path, with_function(**change))
+    assert error.field == field and words in error.message, str(error)
