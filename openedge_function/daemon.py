@@ -22,8 +22,9 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
-from .config import AppConfig, Rule, load_config
+from .config import AppConfig, Hub, Rule, load_config
 from .errors import ConfigError
+from .hub import Publisher
 from .logs import setup_logging
 from .pool import Pool
 from .rules import RuleRunner
@@ -43,6 +44,7 @@ class Daemon:
         self.workdir = workdir or os.getcwd()
         self.pools: Dict[str, Pool] = {}
         self.rules: List[RuleRunner] = []
+        self.publisher: Optional[Publisher] = None
         self._leaving: List[Pool] = []              # pools of changed or removed functions
         self._transitions: List[threading.Thread] = []
         self._signals: List[int] = []
@@ -89,10 +91,11 @@ class Daemon:
 
     def _start(self) -> None:
         config = self.config
+        self.publisher = self._publisher(config.hub)
         for function in config.functions:
             self.pools[function.name] = self._pool(function)
         for rule in config.rules:
-            self.rules.append(self._runner(rule, config, self.pools))
+            self.rules.append(self._runner(rule, config, self.pools, self.publisher))
         log.info("openedge-function (pid %s): %d functions, %d rules, broker %s",
                  os.getpid(), len(self.pools), len(self.rules), config.hub.address)
         for pool in self.pools.values():
@@ -100,14 +103,23 @@ class Daemon:
         for runner in self.rules:
             runner.start()
 
+    @staticmethod
+    def _publisher(hub: Hub) -> Publisher:
+        """Connect the publisher first, so that the first outcomes find it connected."""
+        publisher = Publisher(hub, f"{hub.clientid}-publisher")
+        publisher.start()
+        if not publisher.connected.wait(min(hub.connect_timeout, 3.0)):
+            log.warning("publisher: no connection to %s yet; starting anyway", hub.address)
+        return publisher
+
     def _pool(self, function) -> Pool:
         assert self._rundir is not None and self._watcher is not None
         return Pool(function, self._rundir, self._watcher)
 
     @staticmethod
-    def _runner(rule: Rule, config: AppConfig, pools: Dict[str, Pool]) -> RuleRunner:
+    def _runner(rule: Rule, config: AppConfig, pools: Dict[str, Pool], publisher: Publisher) -> RuleRunner:
         function = config.function(rule.function)
-        return RuleRunner(rule, config.hub, function, pools[function.name])
+        return RuleRunner(rule, config.hub, function, pools[function.name], publisher)
 
     def _loop(self) -> None:
         while True:
@@ -140,6 +152,8 @@ class Daemon:
         old = self.config
         if new.logger != old.logger:
             setup_logging(new.logger)
+        publisher = self.publisher if new.hub == old.hub else self._publisher(new.hub)
+        retired_publisher = None if publisher is self.publisher else self.publisher
 
         pools: Dict[str, Pool] = {}
         for function in new.functions:
@@ -165,34 +179,38 @@ class Daemon:
             if runner is not None:
                 # Same client id: unsubscribe only if the new rule no longer wants that topic.
                 stopping.append((runner, runner.rule.subscribe.topic != rule.subscribe.topic))
-            starting.append(self._runner(rule, new, pools))
+            starting.append(self._runner(rule, new, pools, publisher))
         stopping.extend((runner, True) for runner in by_key.values())
 
         self.config, self.pools, self.rules = new, pools, kept + starting
+        self.publisher = publisher
         self._leaving.extend(leaving)
         log.info("SIGHUP: configuration reloaded: %d rules kept, %d stopped, %d started; "
                  "%d functions replaced or removed", len(kept), len(stopping), len(starting), len(leaving))
-        transition = threading.Thread(target=self._transition, args=(stopping, starting, leaving),
+        transition = threading.Thread(target=self._transition,
+                                      args=(stopping, starting, leaving, retired_publisher),
                                       name="reload", daemon=True)
         self._transitions.append(transition)
         transition.start()
 
     @staticmethod
     def _transition(stopping: List[Tuple[RuleRunner, bool]], starting: List[RuleRunner],
-                    leaving: List[Pool]) -> None:
+                    leaving: List[Pool], retired_publisher: Optional[Publisher]) -> None:
         """Settle and disconnect the old rules, then connect the new ones; retire old pools."""
         for runner, _ in stopping:
-            runner.client.stop_intake()
+            runner.intake.stop_intake()
         for runner, removed in stopping:
             runner.wait_settled(runner.function.instance.timeout + _SHUTDOWN_EXTRA)
-            runner.client.drain(timeout=5.0)
             if removed:
-                runner.client.unsubscribe()
-            runner.client.stop()
+                runner.intake.unsubscribe()
+            runner.intake.stop()
         for runner in starting:
             runner.start()
         for pool in leaving:
             pool.close()
+        if retired_publisher is not None:
+            retired_publisher.drain(timeout=5.0)
+            retired_publisher.stop()
 
     # -- stopping -------------------------------------------------------------------------------
 
@@ -201,7 +219,7 @@ class Daemon:
         for transition in self._transitions:
             transition.join()
         for runner in self.rules:
-            runner.client.stop_intake()
+            runner.intake.stop_intake()
         pools = list(self.pools.values()) + self._leaving
         for pool in pools:
             pool.close()
@@ -217,9 +235,12 @@ class Daemon:
                 break
             for pool in pools:
                 pool.check_memory()
+        if self.publisher is not None:
+            self.publisher.drain(timeout=5.0)
         for runner in self.rules:
-            runner.client.drain(timeout=5.0)
-            runner.client.stop()
+            runner.intake.stop()
+        if self.publisher is not None:
+            self.publisher.stop()
         for pool in pools:
             stats = pool.stats()
             log.info("function %s: peak queue %d, dropped %d QoS 0 messages", pool.function.name,

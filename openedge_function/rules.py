@@ -20,7 +20,7 @@ import paho.mqtt.client as mqtt
 from .config import Function, Hub, Rule
 from .errors import (FunctionLoadError, HandlerError, InstanceCrashed, InvocationError,
                      MessageTooLarge, Packet, ResultEncodingError, build_envelope)
-from .hub import HubClient
+from .hub import Intake, Publisher
 from .pool import Invocation, Outcome, Pool
 
 log = logging.getLogger(__name__)
@@ -31,16 +31,18 @@ _NONE, _ERROR = 0, 3   # InvokeResponse.Kind values the dispatcher tells apart
 class RuleRunner:
     """Connects one rule's subscription to its function's pool and publishes the outcomes."""
 
-    def __init__(self, rule: Rule, hub: Hub, function: Function, pool: Pool) -> None:
+    def __init__(self, rule: Rule, hub: Hub, function: Function, pool: Pool,
+                 publisher: Publisher) -> None:
         self.rule = rule
+        self.publisher = publisher
         if rule.clientid:
             client_id, clean = rule.clientid, hub.clean_session
         elif rule.id:
             client_id, clean = f"{hub.clientid}-{rule.id}", hub.clean_session
         else:   # no stable identity: a session of its own that the broker forgets
             client_id, clean = f"{hub.clientid}-{rule.index}-{uuid.uuid4().hex[:8]}", True
-        self.client = HubClient(hub, client_id, clean, rule.subscribe.topic, rule.subscribe.qos,
-                                self._on_message, rule.name)
+        self.intake = Intake(hub, client_id, clean, rule.subscribe.topic, rule.subscribe.qos,
+                             self._on_message, rule.name)
         self._publish = rule.publish
         self._error = rule.error or rule.publish
         self._retry_max = rule.retry_max
@@ -62,7 +64,7 @@ class RuleRunner:
         self.pool = pool
 
     def start(self) -> None:
-        self.client.start()
+        self.intake.start()
 
     # -- intake (paho's network thread) -----------------------------------------------------
 
@@ -72,7 +74,7 @@ class RuleRunner:
         qos = message.qos
         invocation = Invocation(str(uuid.uuid4()), message.topic, qos, payload,
                                 int(time.time() * 1000), message.mid, self._done, self._abandon,
-                                (message.retain, message.dup, self.client.generation))
+                                (message.retain, message.dup, self.intake.generation))
         with self._lock:
             self.pending += 1
         if len(payload) > self._message_max:
@@ -153,7 +155,7 @@ class RuleRunner:
         self._send(invocation, target.topic, envelope, min(invocation.qos, target.qos))
 
     def _send(self, invocation: Invocation, topic: str, payload: bytes, qos: int) -> None:
-        if self.client.publish(topic, payload, qos, lambda: self._settle(invocation)):
+        if self.publisher.publish(topic, payload, qos, lambda: self._settle(invocation)):
             self.published += 1
         else:
             log.debug("rule %s: the outcome of request %s was not published", self.rule.name,
@@ -163,7 +165,7 @@ class RuleRunner:
     def _settle(self, invocation: Invocation, ack: bool = True) -> None:
         """The end of a message here: acknowledge it (QoS 1) and let the next of its topic go."""
         if ack and invocation.qos:
-            self.client.ack(invocation.mid, invocation.qos, invocation.context[2])
+            self.intake.ack(invocation.mid, invocation.qos, invocation.context[2])
         following = None
         with self._lock:
             self.pending -= 1

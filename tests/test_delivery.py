@@ -235,3 +235,19 @@ def test_tls_with_client_certificates_and_passwords(tmp_path):
         for daemon in daemons:
             daemon.stop()
         broker.stop()
+
+
+def test_a_qos1_flood_is_answered_in_full_while_intake_pauses(broker, daemon_factory, collector):
+    """Intake pausing for a full queue must not hold up publishing: every message is answered."""
+    daemon = daemon_factory([function("echo", "tools.echo", instance={"max": 2})],
+                            [rule("r1", "flood", "echo", "flood/out")], files={"fn/tools.py": TOOLS},
+                            hub={"address": broker.address, "clientid": "oef-flood", "buffer": {"max": 50}})
+    client = Collector(broker, [], inflight=0)
+    try:
+        infos = [client.client.publish("flood", json.dumps({"seq": i}), 1) for i in range(3000)]
+        for info in infos:
+            info.wait_for_publish(30)
+    finally:
+        client.close()
+    wait_until(lambda: len(collector.on("flood/out")) >= 3000, timeout=90, message="3000 answers")
+    assert {json.loads(m.payload)["seq"] for m in collector.on("flood/out")} == set(range(3000))
