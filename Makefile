@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= example/etc/application.yml
 PYTEST_ARGS ?=
 
-.PHONY: install proto broker run test check clean
+.PHONY: install proto broker run test check bench clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,13 @@ check: install
 test: install
 	@bash scripts/ensure-broker.sh --binary-only
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The benchmark (bench/bench.py --help): its own mosquitto, the relay ceiling, the daemon.
+BENCH_ARGS ?=
+bench: install
+	@bash scripts/ensure-broker.sh --binary-only
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info runtime_python/_pb/function_pb2*.py var

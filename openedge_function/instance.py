@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import queue
 import logging
 import os
 import signal
@@ -109,7 +110,10 @@ class Instance:
         self.request_id = ""   # the invocation in progress, for output the runtime did not mark
         self._load_error: Optional[Dict[str, Any]] = None
         self._channel: Optional[grpc.Channel] = None
-        self.invoke: Callable[..., Any] = self._not_started
+        self._requests: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._responses: Any = None
+        self.deadline = 0.0            # when the invocation in progress runs out of time
+        self.timed_out = False
 
     @property
     def state(self) -> State:
@@ -119,8 +123,19 @@ class Instance:
     def pid(self) -> Optional[int]:
         return self.process.pid if self.process else None
 
-    def _not_started(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(f"instance {self.id} is not started")
+    def invoke(self, request: Any) -> Any:
+        """Run one invocation over the instance's stream; raises grpc.RpcError when the stream
+        breaks (the process died, or `cancel()` was called for a timeout)."""
+        if self._responses is None:
+            raise RuntimeError(f"instance {self.id} is not started")
+        self._requests.put(request)
+        return next(self._responses)
+
+    def cancel(self) -> None:
+        """End the stream: the invocation waiting on it raises at once."""
+        responses = self._responses
+        if responses is not None:
+            responses.cancel()
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -195,7 +210,8 @@ class Instance:
         except grpc.RpcError as exc:
             self.kill()
             raise InstanceCrashed(f"instance {self.id} does not answer: {exc.code().name}") from None
-        self.invoke = stub.Invoke
+        # One stream for the instance's life: a message costs a write and a read, not a call.
+        self._responses = stub.Session(iter(self._requests.get, None))
         self.lifecycle.to(State.IDLE)
 
     def _on_status(self, lines: LineSplitter, chunk: bytes) -> None:
@@ -276,7 +292,10 @@ class Instance:
 
     def _close_channel(self) -> None:
         channel, self._channel = self._channel, None
-        self.invoke = self._not_started
+        if self._responses is not None:
+            self._requests.put(None)
+            self._responses.cancel()
+            self._responses = None
         if channel is not None:
             channel.close()
 

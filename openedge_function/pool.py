@@ -84,6 +84,7 @@ class Pool:
         self._backoff = _BACKOFF_FIRST
         self.dropped = 0
         self.queue_peak = 0
+        watcher.every(0.05, self.check_deadlines)
         self._held_at = float("-inf")
 
     # -- intake ----------------------------------------------------------------------------
@@ -269,17 +270,18 @@ class Pool:
     def invoke(self, worker: "_Worker", invocation: Invocation) -> "tuple[Outcome, bool]":
         """Run one invocation on `worker`'s instance: (outcome, whether the instance is reusable)."""
         instance = worker.instance
-        instance.lifecycle.to(State.BUSY)
+        started = time.monotonic()
+        instance.deadline = started + self._timeout   # before BUSY: the watchdog reads both
         instance.request_id = invocation.request_id
+        instance.lifecycle.to(State.BUSY)
         request = pb.InvokeRequest(
             request_id=invocation.request_id, topic=invocation.topic, qos=invocation.qos,
             payload=invocation.payload, timestamp_ms=invocation.timestamp_ms,
             timeout_ms=self._timeout_ms, message_id=invocation.mid)
-        started = time.monotonic()
         try:
-            response = instance.invoke(request, timeout=self._timeout)
+            response = instance.invoke(request)
         except grpc.RpcError as exc:
-            error, used = self._failure_of(instance, invocation, exc.code())
+            error, used = self._failure_of(instance, invocation)
             self._summary(invocation, error.error_type, time.monotonic() - started, used)
             return error, False
         instance.lifecycle.to(State.IDLE)
@@ -289,14 +291,13 @@ class Pool:
             self._summary(invocation, outcome, response.duration_us / 1e6, response.max_rss_kb << 10)
         return response, True
 
-    def _failure_of(self, instance: Instance, invocation: Invocation,
-                    code: grpc.StatusCode) -> "tuple[InvocationError, int]":
+    def _failure_of(self, instance: Instance, invocation: Invocation) -> "tuple[InvocationError, int]":
         """Why a call got no answer, and the memory it was seen to use."""
         if instance.memory_exceeded is not None:
             return MemoryLimitExceeded(
                 f"instance {instance.id} used {instance.memory_exceeded >> 20} MB, over its "
                 f"limit of {self.function.instance.memory >> 20} MB, and was killed"), instance.memory_exceeded
-        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        if instance.timed_out:
             return FunctionTimeout(
                 f"function {self.function.name} timed out after {self._timeout:g}s; "
                 f"instance {instance.id} was killed"), 0
@@ -357,6 +358,15 @@ class Pool:
             return {"instances": len(self._workers), "idle": len(self._idle),
                     "starting": self._starting, "queued": len(self._queue),
                     "queue_peak": self.queue_peak, "dropped": self.dropped}
+
+    def check_deadlines(self) -> None:
+        """Cancel the stream of an instance whose invocation ran past its timeout: the invocation
+        is answered with FunctionTimeout at once, and its worker kills the instance."""
+        now = time.monotonic()
+        for instance in self.instances():
+            if instance.state is State.BUSY and now > instance.deadline and not instance.timed_out:
+                instance.timed_out = True
+                instance.cancel()
 
     def check_memory(self) -> None:
         """Kill instances whose resident memory (with their subprocesses) is over the limit; the

@@ -2,7 +2,8 @@
 
 Each instance has a status socket (JSON lines from the runtime; end-of-file when it dies) and two
 output pipes (the handler's stdout and stderr, logged line by line). A selector over all of them
-notices a dead instance at once, not at its next call, and reaps it without blocking anyone.
+notices a dead instance at once, not at its next call. The same thread runs the pools' periodic
+checks (invocation deadlines), so no invocation needs a timer of its own.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class Watcher:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._pending: List[Tuple[int, Callable[[bytes], None]]] = []
         self._unregister: List[int] = []
-        self._reap: List[Tuple[Callable[[], bool], float]] = []
+        self._periodic: List[Tuple[float, Callable[[], None]]] = []
         self._running = True
         self._thread = threading.Thread(target=self._run, name="watcher", daemon=True)
         self._thread.start()
@@ -41,10 +42,10 @@ class Watcher:
             self._pending.append((fd, on_data))
         self._wake()
 
-    def until(self, poll: Callable[[], bool], deadline: float) -> None:
-        """Call `poll()` every few milliseconds until it returns True or `deadline` passes."""
+    def every(self, interval: float, callback: Callable[[], None]) -> None:
+        """Call `callback()` about every `interval` seconds, from the watcher's thread."""
         with self._lock:
-            self._reap.append((poll, deadline))
+            self._periodic.append((interval, callback))
         self._wake()
 
     def close(self) -> None:
@@ -60,15 +61,17 @@ class Watcher:
 
     def _run(self) -> None:
         callbacks: Dict[int, Callable[[bytes], None]] = {}
+        due: Dict[int, float] = {}
         while self._running:
             with self._lock:
                 pending, self._pending = self._pending, []
-                reap = self._reap
+                periodic = list(self._periodic)
             for fd, on_data in pending:
                 os.set_blocking(fd, False)
                 self._selector.register(fd, selectors.EVENT_READ, None)
                 callbacks[fd] = on_data
-            for key, _ in self._selector.select(timeout=0.02 if reap else 1.0):
+            timeout = min((interval for interval, _ in periodic), default=1.0)
+            for key, _ in self._selector.select(timeout=timeout):
                 fd = key.fd
                 if fd == self._wake_r:
                     try:
@@ -88,11 +91,14 @@ class Watcher:
                     del callbacks[fd]
                     os.close(fd)
                 self._call(callback, chunk)
-            if reap:
-                now = time.monotonic()
-                with self._lock:
-                    self._reap = [(poll, deadline) for poll, deadline in self._reap
-                                  if not self._poll(poll) and now < deadline]
+            now = time.monotonic()
+            for index, (interval, callback) in enumerate(periodic):
+                if now >= due.get(index, 0.0):
+                    due[index] = now + interval
+                    try:
+                        callback()
+                    except Exception:
+                        log.exception("watcher: periodic check failed")
 
     @staticmethod
     def _call(callback: Callable[[bytes], None], chunk: bytes) -> None:
@@ -100,14 +106,6 @@ class Watcher:
             callback(chunk)
         except Exception:
             log.exception("watcher callback failed")
-
-    @staticmethod
-    def _poll(poll: Callable[[], bool]) -> bool:
-        try:
-            return poll()
-        except Exception:
-            log.exception("watcher poll failed")
-            return True
 
 
 class LineSplitter:

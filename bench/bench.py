@@ -1,0 +1,351 @@
+"""make bench: how fast the daemon moves messages on this machine, and how that compares.
+
+It starts its own mosquitto on a free port (or uses --broker), then drives, over MQTT, with
+numbered and timestamped messages:
+  1. the ceiling: an in-process relay (bench/relay.py: subscribe, call the handler, publish);
+  2. the daemon with a trivial echo function (instance.max from --max), warm:
+     flat out at QoS 0 and QoS 1, then at fixed rates for latency;
+  3. cold start: the first reply from a daemon whose pool starts empty;
+  4. resident memory of the supervisor and of each idle instance.
+Ratios within one run are the figures that count; absolute numbers on a shared machine drift.
+Results: a table on stdout, JSON in --out, a latency histogram PNG with --plot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Dict, List, Optional
+
+import paho.mqtt.client as mqtt
+import psutil
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from tests.helpers import Broker, wait_until  # noqa: E402  (the tests' mosquitto fixture)
+
+ECHO = "def handler(event, context):\n    return event\n"
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _no_delay(client, userdata, sock) -> None:
+    import socket
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Driver:
+    """A publisher and a subscriber: numbered messages out, replies counted and timed."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.run_id = 0
+        self.received: Dict[int, int] = {}
+        self.latencies: List[float] = []
+        self.first_sent = 0.0
+        self.last_reply = 0.0
+        self._lock = threading.Lock()
+        ready = threading.Event()
+        self.sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{os.getpid()}")
+        self.sub.on_socket_open = _no_delay
+        self.sub.on_connect = lambda c, *a: c.subscribe("bench/out", 1)
+        self.sub.on_subscribe = lambda *a: ready.set()
+        self.sub.on_message = self._on_reply
+        self.sub.connect(host, port)
+        self.sub.loop_start()
+        self.pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{os.getpid()}")
+        self.pub.on_socket_open = _no_delay
+        self.pub.max_inflight_messages_set(1000)
+        self.pub.connect(host, port)
+        self.pub.loop_start()
+        if not ready.wait(10):
+            raise RuntimeError("the driver could not subscribe")
+
+    def _on_reply(self, client, userdata, message) -> None:
+        now = time.time()
+        try:
+            reply = json.loads(message.payload)
+        except ValueError:
+            return
+        if reply.get("run") != self.run_id:
+            return
+        with self._lock:
+            seq = reply["seq"]
+            self.received[seq] = self.received.get(seq, 0) + 1
+            self.latencies.append(now - reply["ts"])
+            self.last_reply = now
+
+    def run(self, count: int, qos: int, rate: Optional[float] = None, settle: float = 5.0) -> dict:
+        """Send `count` messages (flat out, or at `rate` per second); wait for the replies."""
+        with self._lock:
+            self.run_id += 1
+            self.received = {}
+            self.latencies = []
+        run_id = self.run_id
+        start = time.time()
+        self.first_sent = start
+        for seq in range(count):
+            if rate:
+                delay = start + seq / rate - time.time()
+                if delay > 0:
+                    time.sleep(delay)
+            self.pub.publish("bench/in", json.dumps({"run": run_id, "seq": seq, "ts": time.time()}), qos)
+        sent_in = time.time() - start
+        last, seen = time.monotonic(), -1
+        while len(self.received) < count:   # wait while replies keep coming
+            time.sleep(0.05)
+            if len(self.received) != seen:
+                seen, last = len(self.received), time.monotonic()
+            elif time.monotonic() - last > settle:
+                break
+        with self._lock:
+            unique = len(self.received)
+            total = sum(self.received.values())
+            latencies = sorted(self.latencies)
+            elapsed = max(self.last_reply - start, 1e-9)
+        return {
+            "qos": qos, "sent": count, "received": total, "lost": count - unique,
+            "duplicated": total - unique, "rate": rate, "send_seconds": round(sent_in, 3),
+            "throughput": round(unique / elapsed, 1),
+            "latency_ms": percentiles(latencies), "_latencies": latencies,
+        }
+
+    def close(self) -> None:
+        for client in (self.pub, self.sub):
+            client.disconnect()
+            client.loop_stop()
+
+
+def percentiles(values: List[float]) -> dict:
+    if not values:
+        return {}
+    def at(q: float) -> float:
+        return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 3)
+    return {"p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": round(values[-1] * 1000, 3)}
+
+
+class DaemonUnderTest:
+    """The daemon as a user runs it, on the echo function."""
+
+    def __init__(self, workdir: str, port: int, max_instances: int, min_instances: int, tag: str) -> None:
+        self.workdir = os.path.join(workdir, tag)
+        os.makedirs(os.path.join(self.workdir, "fn"), exist_ok=True)
+        with open(os.path.join(self.workdir, "fn", "echo.py"), "w") as fh:
+            fh.write(ECHO)
+        config = {
+            "hub": {"address": f"tcp://127.0.0.1:{port}", "clientid": f"bench-{tag}"},
+            "rules": [{"id": "echo", "subscribe": {"topic": "bench/in", "qos": 1},
+                       "compute": {"function": "echo"}, "publish": {"topic": "bench/out", "qos": 1}}],
+            "functions": [{"name": "echo", "handler": "echo.handler", "codedir": "fn",
+                           "instance": {"min": min_instances, "max": max_instances}}],
+            # Production logging at these rates: warnings only (no per-invocation summary lines).
+            "logger": {"level": "warning", "path": "daemon.log", "console": False},
+        }
+        self.config = os.path.join(self.workdir, "application.yml")
+        with open(self.config, "w") as fh:
+            yaml.safe_dump(config, fh)
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self, warm: int) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "openedge_function", "-c", self.config],
+                                        cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: len(self.instances()) >= warm, 30, message=f"{warm} warm instances")
+        time.sleep(0.5)   # let the rule subscribe (no log at level warning to wait on)
+
+    def instances(self) -> List[psutil.Process]:
+        if self.process is None:
+            return []
+        try:
+            return [p for p in psutil.Process(self.process.pid).children()
+                    if "runtime_python" in " ".join(p.cmdline())]
+        except psutil.Error:
+            return []
+
+    def memory(self) -> dict:
+        supervisor = psutil.Process(self.process.pid).memory_info().rss
+        instances = [p.memory_info().rss for p in self.instances()]
+        return {"supervisor_mb": round(supervisor / 2**20, 1),
+                "instances_mb": [round(rss / 2**20, 1) for rss in instances]}
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def cold_start(workdir: str, port: int, driver: Driver, tries: int) -> dict:
+    """Time to the first reply from a daemon whose pool is empty (min 0)."""
+    times = []
+    for attempt in range(tries):
+        daemon = DaemonUnderTest(workdir, port, 1, 0, f"cold{attempt}")
+        daemon.start(warm=0)
+        try:
+            time.sleep(0.5)
+            result = driver.run(1, 1, settle=10)
+            if result["latency_ms"]:
+                times.append(result["latency_ms"]["max"])
+        finally:
+            daemon.stop()
+    return {"first_reply_ms": times, "median_ms": round(statistics.median(times), 1) if times else None}
+
+
+def relay_ceiling(port: int, driver: Driver, count: int, codedir: str) -> dict:
+    results = {}
+    for qos in (0, 1):
+        relay = subprocess.Popen([sys.executable, os.path.join(HERE, "relay.py"), "--port", str(port),
+                                  "--qos", str(qos), "--codedir", codedir],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT,
+                                 env={**os.environ, "PYTHONPATH": ROOT})
+        try:
+            relay.stdout.readline()
+            driver.run(200, qos)   # warm up
+            results[f"qos{qos}"] = driver.run(count, qos)
+            say(f"  relay qos{qos}: {results[f'qos{qos}']['throughput']:.0f} msg/s")
+        finally:
+            relay.stdin.close()
+            relay.wait(10)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=20000, help="messages per flat-out run")
+    parser.add_argument("--max", type=int, default=4, help="instance.max of the echo function")
+    parser.add_argument("--rates", default="200,1000,3000", help="fixed rates for latency, per second")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per fixed-rate run")
+    parser.add_argument("--cold", type=int, default=3, help="cold starts to time")
+    parser.add_argument("--broker", help="host:port of a broker to use instead of starting one")
+    parser.add_argument("--out", default=os.path.join(ROOT, "var", "bench.json"))
+    parser.add_argument("--plot", nargs="?", const=os.path.join(ROOT, "var", "bench-latency.png"),
+                        help="draw a latency histogram PNG (needs matplotlib)")
+    args = parser.parse_args()
+    rates = [float(r) for r in args.rates.split(",") if r]
+
+    workdir = tempfile.mkdtemp(prefix="oef-bench-")
+    broker = None
+    if args.broker:
+        host, _, port_text = args.broker.rpartition(":")
+        port = int(port_text)
+    else:
+        broker = Broker(workdir).start()
+        host, port = broker.host, broker.port
+    codedir = os.path.join(workdir, "relay")
+    os.makedirs(codedir)
+    with open(os.path.join(codedir, "echo.py"), "w") as fh:
+        fh.write(ECHO)
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                     "count": args.count, "max": args.max}
+    driver = Driver(host, port)
+    try:
+        say("ceiling: in-process relay")
+        results["relay"] = relay_ceiling(port, driver, args.count, codedir)
+
+        say(f"daemon: echo function, instance.max {args.max}, warm")
+        daemon = DaemonUnderTest(workdir, port, args.max, args.max, "warm")
+        daemon.start(warm=args.max)
+        try:
+            driver.run(500, 1)   # warm up
+            results["daemon"] = {}
+            for qos in (0, 1):
+                run = driver.run(args.count, qos)
+                results["daemon"][f"qos{qos}"] = run
+                ratio = run["throughput"] / results["relay"][f"qos{qos}"]["throughput"]
+                say(f"  flat out qos{qos}: {run['throughput']:.0f} msg/s ({ratio:.2f} of the relay), "
+                    f"lost {run['lost']}, duplicated {run['duplicated']}")
+            results["latency"] = {}
+            for qos in (0, 1):
+                for rate in rates:
+                    run = driver.run(int(rate * args.duration), qos, rate=rate)
+                    results["latency"][f"qos{qos}@{int(rate)}"] = run
+                    say(f"  qos{qos} at {rate:.0f}/s: p50 {run['latency_ms'].get('p50')} ms, "
+                        f"p99 {run['latency_ms'].get('p99')} ms, lost {run['lost']}")
+            time.sleep(1.0)
+            results["memory"] = daemon.memory()
+            say(f"  memory: supervisor {results['memory']['supervisor_mb']} MB, instances "
+                f"{results['memory']['instances_mb']} MB")
+        finally:
+            daemon.stop()
+
+        say("cold start: first reply from an empty pool")
+        results["cold_start"] = cold_start(workdir, port, driver, args.cold)
+        say(f"  {results['cold_start']['first_reply_ms']} ms")
+    finally:
+        driver.close()
+        if broker is not None:
+            broker.stop()
+
+    for qos in (0, 1):
+        relay = results["relay"][f"qos{qos}"]["throughput"]
+        results["daemon"][f"qos{qos}"]["fraction_of_relay"] = round(
+            results["daemon"][f"qos{qos}"]["throughput"] / relay, 3)
+    histograms = {key: run.pop("_latencies") for key, run in results["latency"].items()}
+    for section in ("relay", "daemon"):
+        for run in results[section].values():
+            run.pop("_latencies", None)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(results, fh, indent=2)
+    print(table(results))
+    print(f"\nresults: {args.out}")
+    if args.plot:
+        plot(histograms, args.plot)
+    return 0
+
+
+def table(results: dict) -> str:
+    lines = ["", "| measure | relay (ceiling) | daemon | daemon / relay |", "| --- | --- | --- | --- |"]
+    for qos in (0, 1):
+        relay, ours = results["relay"][f"qos{qos}"], results["daemon"][f"qos{qos}"]
+        lines.append(f"| flat out, QoS {qos}, {results['count']} messages, msg/s | {relay['throughput']:.0f} | "
+                     f"{ours['throughput']:.0f} (lost {ours['lost']}) | {ours['fraction_of_relay']:.2f} |")
+    for key, run in results["latency"].items():
+        lat = run["latency_ms"]
+        lines.append(f"| latency {key}/s, ms p50 / p90 / p99 / max | | {lat.get('p50')} / {lat.get('p90')} / "
+                     f"{lat.get('p99')} / {lat.get('max')} (lost {run['lost']}) | |")
+    cold = results["cold_start"]
+    lines.append(f"| cold start, first reply, ms (median of {len(cold['first_reply_ms'])}) | | {cold['median_ms']} | |")
+    memory = results["memory"]
+    lines.append(f"| resident memory, supervisor with {len(memory['instances_mb'])} instances, MB | | "
+                 f"{memory['supervisor_mb']} | |")
+    lines.append(f"| resident memory per idle instance, MB | | {', '.join(map(str, memory['instances_mb']))} | |")
+    return "\n".join(lines)
+
+
+def plot(histograms: Dict[str, List[float]], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("--plot needs matplotlib: pip install 'openedge-function[bench]'")
+        return
+    figure, axes = plt.subplots(figsize=(9, 5))
+    for key, values in histograms.items():
+        if values:
+            axes.hist([v * 1000 for v in values], bins=100, histtype="step", label=key,
+                      range=(0, max(5.0, sorted(values)[int(0.99 * len(values))] * 1000)))
+    axes.set_xlabel("latency, ms")
+    axes.set_ylabel("messages")
+    axes.set_title("openedge-function: end-to-end latency at fixed rates")
+    axes.legend()
+    figure.savefig(path, dpi=100)
+    say(f"histogram: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
