@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import itertools
 
@@ -123,13 +123,13 @@ class Instance:
     def pid(self) -> Optional[int]:
         return self.process.pid if self.process else None
 
-    def invoke(self, request: Any) -> Any:
-        """Run one invocation over the instance's stream; raises grpc.RpcError when the stream
-        breaks (the process died, or `cancel()` was called for a timeout)."""
+    def invoke(self, requests: List[Any]) -> List[Any]:
+        """Run invocations, one after the other, over the instance's stream; their responses in
+        order. Raises grpc.RpcError when the stream breaks (the process died, or `cancel()`)."""
         if self._responses is None:
             raise RuntimeError(f"instance {self.id} is not started")
-        self._requests.put(request)
-        return next(self._responses)
+        self._requests.put(pb.InvokeBatch(requests=requests))
+        return list(next(self._responses).responses)
 
     def cancel(self) -> None:
         """End the stream: the invocation waiting on it raises at once."""

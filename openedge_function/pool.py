@@ -32,6 +32,10 @@ summary_log = logging.getLogger("openedge_function.summary")   # one line per in
 Outcome = Union[Any, InvocationError]   # an InvokeResponse, or why there is none
 
 _BACKOFF_FIRST, _BACKOFF_MAX = 1.0, 60.0
+# Queued invocations go to an instance together, one stream message for several (the instance
+# still runs them one after the other), as long as recent handler durations keep a batch's
+# expected run time under a quarter of the timeout.
+_BATCH_MAX, _BATCH_BYTES = 16, 1 << 20
 
 
 class Invocation:
@@ -39,7 +43,7 @@ class Invocation:
     or `abandon(invocation)` when the daemon is stopping and the message is left to the broker."""
 
     __slots__ = ("request_id", "topic", "qos", "payload", "timestamp_ms", "mid", "done", "abandon",
-                 "context", "attempts")
+                 "context", "attempts", "solo")
 
     def __init__(self, request_id: str, topic: str, qos: int, payload: bytes, timestamp_ms: int,
                  mid: int, done: Callable[["Invocation", Outcome], None],
@@ -54,6 +58,7 @@ class Invocation:
         self.abandon = abandon
         self.context = context
         self.attempts = 0
+        self.solo = False   # runs in a batch of its own (after a batch it was in failed)
 
 
 class Pool:
@@ -86,6 +91,7 @@ class Pool:
         self.queue_peak = 0
         watcher.every(0.05, self.check_deadlines)
         self._held_at = float("-inf")
+        self._handler_seconds: Optional[float] = None   # moving average of handler durations
 
     # -- intake ----------------------------------------------------------------------------
 
@@ -181,7 +187,7 @@ class Pool:
 
     # -- called by workers -------------------------------------------------------------------
 
-    def _started(self, worker: "_Worker") -> Optional[Invocation]:
+    def _started(self, worker: "_Worker") -> List[Invocation]:
         with self._lock:
             self._starting -= 1
             if self._failure is not None:
@@ -208,16 +214,34 @@ class Pool:
         for invocation in doomed:
             invocation.done(invocation, error)
 
-    def _next(self, worker: "_Worker") -> Optional[Invocation]:
-        """The next queued invocation for `worker`, or None after marking it idle (lock held)."""
+    def _next(self, worker: "_Worker") -> List[Invocation]:
+        """The next queued invocations for `worker` (a batch), or [] after marking it idle
+        (lock held)."""
         if self._queue:
-            self._space.notify()
-            return self._queue.popleft()
+            first = self._queue.popleft()
+            batch = [first]
+            if not first.solo:
+                # Never more than a fair share of the queue: the other instances take the rest.
+                share = -(-(len(self._queue) + 1) // max(1, len(self._workers) - self._retiring))
+                limit, size = min(self._batch_limit(), share), len(first.payload)
+                queue = self._queue
+                while queue and len(batch) < limit and not queue[0].solo and size < _BATCH_BYTES:
+                    invocation = queue.popleft()
+                    batch.append(invocation)
+                    size += len(invocation.payload)
+            self._space.notify(len(batch))
+            return batch
         worker.idle_since = time.monotonic()
         self._idle.append(worker)
-        return None
+        return []
 
-    def _after(self, worker: "_Worker") -> Optional[Invocation]:
+    def _batch_limit(self) -> int:
+        average = self._handler_seconds
+        if average is None:
+            return 1
+        return max(1, min(_BATCH_MAX, int(self._timeout / (4 * max(average, 1e-6)))))
+
+    def _after(self, worker: "_Worker") -> List[Invocation]:
         with self._lock:
             return self._next(worker)
 
@@ -267,29 +291,56 @@ class Pool:
         if not self._closed:
             log.info("instance %s: process %s ended", instance.id, instance.pid)
 
-    def invoke(self, worker: "_Worker", invocation: Invocation) -> "tuple[Outcome, bool]":
-        """Run one invocation on `worker`'s instance: (outcome, whether the instance is reusable)."""
+    def run(self, worker: "_Worker", batch: List[Invocation]) -> bool:
+        """Run a batch on `worker`'s instance and hand each invocation its outcome; False when
+        the instance is not reusable (it timed out, crashed or ran out of memory)."""
         instance = worker.instance
         started = time.monotonic()
         instance.deadline = started + self._timeout   # before BUSY: the watchdog reads both
-        instance.request_id = invocation.request_id
+        instance.request_id = batch[0].request_id
         instance.lifecycle.to(State.BUSY)
-        request = pb.InvokeRequest(
+        requests = [pb.InvokeRequest(
             request_id=invocation.request_id, topic=invocation.topic, qos=invocation.qos,
             payload=invocation.payload, timestamp_ms=invocation.timestamp_ms,
-            timeout_ms=self._timeout_ms, message_id=invocation.mid)
+            timeout_ms=self._timeout_ms, message_id=invocation.mid) for invocation in batch]
         try:
-            response = instance.invoke(request)
-        except grpc.RpcError as exc:
-            error, used = self._failure_of(instance, invocation)
-            self._summary(invocation, error.error_type, time.monotonic() - started, used)
-            return error, False
+            responses = instance.invoke(requests)
+        except grpc.RpcError:
+            self._failed(instance, batch, time.monotonic() - started)
+            return False
         instance.lifecycle.to(State.IDLE)
-        if summary_log.isEnabledFor(logging.INFO):
-            outcome = response.error_type if response.kind == pb.InvokeResponse.ERROR else (
-                "none" if response.kind == pb.InvokeResponse.NONE else "ok")
-            self._summary(invocation, outcome, response.duration_us / 1e6, response.max_rss_kb << 10)
-        return response, True
+        summaries = summary_log.isEnabledFor(logging.INFO)
+        average = self._handler_seconds
+        for invocation, response in zip(batch, responses):
+            seconds = response.duration_us / 1e6
+            average = seconds if average is None else 0.9 * average + 0.1 * seconds
+            if summaries:
+                outcome = response.error_type if response.kind == pb.InvokeResponse.ERROR else (
+                    "none" if response.kind == pb.InvokeResponse.NONE else "ok")
+                self._summary(invocation, outcome, seconds, response.max_rss_kb << 10)
+            invocation.done(invocation, response)
+        self._handler_seconds = average
+        return True
+
+    def _failed(self, instance: Instance, batch: List[Invocation], seconds: float) -> None:
+        """The stream broke during a batch. Alone, the invocation gets its envelope; in a batch,
+        which one did it is unknown, so each runs again alone (where a repeat failure is its own)."""
+        if self._aborting:
+            for invocation in batch:
+                invocation.abandon(invocation)
+            return
+        if len(batch) == 1:
+            [invocation] = batch
+            error, used = self._failure_of(instance, invocation)
+            self._summary(invocation, error.error_type, seconds, used)
+            invocation.done(invocation, error)
+            return
+        log.warning("function %s: instance %s failed during a batch of %d; running each alone",
+                    self.function.name, instance.id, len(batch))
+        self._handler_seconds = None   # batch again only once handlers prove quick
+        for invocation in reversed(batch):
+            invocation.solo = True
+            self.push(invocation, first=True)
 
     def _failure_of(self, instance: Instance, invocation: Invocation) -> "tuple[InvocationError, int]":
         """Why a call got no answer, and the memory it was seen to use."""
@@ -348,10 +399,6 @@ class Pool:
         for worker in list(self._workers):
             worker.join(max(0.0, deadline - time.monotonic()))
         return not self._workers
-
-    @property
-    def aborting(self) -> bool:
-        return self._aborting
 
     def stats(self) -> dict:
         with self._lock:
@@ -430,21 +477,17 @@ class _Worker(threading.Thread):
             return
         log.info("instance %s: ready (pid %s)", instance.id, instance.pid)
         try:
-            invocation = pool._started(self)
+            batch = pool._started(self)
             while True:
-                if invocation is None:
+                if not batch:
                     invocation = pool._wait(self)
                     if invocation is None:
                         break
-                outcome, reusable = pool.invoke(self, invocation)
-                if pool.aborting and not reusable:
-                    invocation.abandon(invocation)
-                else:
-                    invocation.done(invocation, outcome)
-                if not reusable:
+                    batch = [invocation]
+                if not pool.run(self, batch):
                     pool._retire(self)
                     break
-                invocation = pool._after(self)
+                batch = pool._after(self)
         finally:
             # The function's timeout escalates quickly: the handler is stuck, not shutting down.
             instance.stop(grace=0.5 if instance.state is State.BUSY else 3.0)

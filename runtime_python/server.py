@@ -225,9 +225,9 @@ def serve(runtime: Runtime, path: str) -> Any:
     from runtime_python._pb import function_pb2_grpc as pb_grpc
 
     class Servicer(pb_grpc.FunctionServicer):
-        def Session(self, requests: Any, context: Any) -> Any:
-            for request in requests:
-                yield runtime.invoke(request, pb)
+        def Session(self, batches: Any, context: Any) -> Any:
+            for batch in batches:
+                yield pb.ResultBatch(responses=[runtime.invoke(request, pb) for request in batch.requests])
 
         def Ping(self, request: Any, context: Any) -> Any:
             return pb.PingResponse(pid=os.getpid())

@@ -224,3 +224,20 @@ def test_a_full_queue_blocks_qos1_and_drops_qos0(harness):
     thread.join(5)
     assert blocked.is_set() and h.pool.queue_peak == 2
     assert "drop" not in h.outcomes
+
+
+def test_a_failed_batch_is_split_so_only_the_guilty_message_fails(harness, caplog):
+    h = harness("handlers.sleepy", max=1, timeout=1.0)
+    for i in range(5):   # quick calls teach the pool that batching is safe
+        h.submit(f"warm{i}", {"sleep": 0})
+        h.wait(f"warm{i}")
+    h.submit("busy", {"sleep": 0.3})
+    wait_until(lambda: h.pool.stats()["queued"] == 0, message="the first call to start")
+    names = ["a", "b", "hang", "c"]
+    for name in names:
+        h.submit(name, {"sleep": 5 if name == "hang" else 0})
+    outcomes = dict(zip(names, h.wait(*names, timeout=30)))
+    assert isinstance(outcomes["hang"], FunctionTimeout)
+    for name in ("a", "b", "c"):
+        assert not isinstance(outcomes[name], InvocationError), (name, outcomes[name])
+    assert "failed during a batch of 4; running each alone" in caplog.text
