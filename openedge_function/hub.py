@@ -17,7 +17,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, Set
+from typing import Any, Callable, Dict, Set
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion

@@ -20,7 +20,7 @@ import psutil
 from runtime_python._pb import function_pb2 as pb
 
 from .config import Function
-from .errors import (FunctionLoadError, FunctionTimeout, InstanceCrashed, InvocationError,
+from .errors import (FunctionTimeout, InstanceCrashed, InvocationError,
                      MemoryLimitExceeded)
 from .instance import Instance
 from .lifecycle import State

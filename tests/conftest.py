@@ -5,7 +5,7 @@ from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
 
-from tests.helpers import Broker, DaemonProcess, alive, wait_until, write_handler
+from tests.helpers import Broker, Collector, DaemonProcess, alive, wait_until, write_handler
 
 
 def pytest_configure(config):
@@ -47,3 +47,11 @@ def daemon_factory(tmp_path, broker) -> Iterator[Callable[..., DaemonProcess]]:
         daemon.stop()
         wait_until(lambda: not alive(sorted(daemon.seen_pids)), 10,
                    message=f"instances {sorted(daemon.seen_pids)} to exit with the daemon")
+
+
+@pytest.fixture
+def collector(broker) -> Iterator[Collector]:
+    """A client recording everything published on `broker`."""
+    client = Collector(broker, ["#"])
+    yield client
+    client.close()

@@ -151,6 +151,18 @@ def publish(broker: Broker, topic: str, payload: Any, qos: int = 1, count: int =
         client.loop_stop()
 
 
+def function(name: str, handler: str, codedir: str = "fn", **extra: Any) -> Dict[str, Any]:
+    """A function's configuration, as application.yml has it."""
+    return {"name": name, "handler": handler, "codedir": codedir, **extra}
+
+
+def rule(rule_id: str, topic: str, fn: str, out: str, qos: int = 1, out_qos: int = 1,
+         **extra: Any) -> Dict[str, Any]:
+    """A rule's configuration: `topic` into function `fn`, outcomes to `out`."""
+    return {"id": rule_id, "subscribe": {"topic": topic, "qos": qos}, "compute": {"function": fn},
+            "publish": {"topic": out, "qos": out_qos}, **extra}
+
+
 def write_handler(directory: str, name: str, source: str) -> str:
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, name)
@@ -194,7 +206,7 @@ class DaemonProcess:
         pids = []
         for proc in psutil.process_iter(["cmdline", "ppid"]):
             cmdline = proc.info["cmdline"] or []
-            if "runtime_python" in cmdline and f"--parent-pid" in cmdline and \
+            if "runtime_python" in cmdline and "--parent-pid" in cmdline and \
                     str(self.process.pid) in cmdline:
                 pids.append(proc.pid)
         self.seen_pids.update(pids)

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import signal
 import time
 
 import pytest
 
-from tests.helpers import Collector, alive, publish, wait_until
+from tests.helpers import Collector, alive, function, publish, rule, wait_until
 
 SAYHI = '''
 import os
@@ -85,22 +84,6 @@ def sleep(event, context):
     time.sleep(event.get("sleep", 60))
     return {"slept": True}
 '''
-
-
-def function(name, handler, codedir="fn", **extra):
-    return {"name": name, "handler": handler, "codedir": codedir, **extra}
-
-
-def rule(rule_id, topic, fn, out, qos=1, out_qos=1, **extra):
-    return {"id": rule_id, "subscribe": {"topic": topic, "qos": qos}, "compute": {"function": fn},
-            "publish": {"topic": out, "qos": out_qos}, **extra}
-
-
-@pytest.fixture
-def collector(broker):
-    client = Collector(broker, ["#"])
-    yield client
-    client.close()
 
 
 def test_json_in_json_out_with_every_context_key_and_env(broker, daemon_factory, collector):
@@ -286,8 +269,8 @@ def test_timeout_answers_with_an_envelope_and_kills_the_instance(broker, daemon_
 
 
 def test_memory_limit_kills_the_instance(broker, daemon_factory, collector):
-    daemon = daemon_factory([function("hog", "tools.hog", instance={"memory": "100m", "timeout": "20s"})],
-                            [rule("r1", "in", "hog", "out")], files={"fn/tools.py": TOOLS})
+    daemon_factory([function("hog", "tools.hog", instance={"memory": "100m", "timeout": "20s"})],
+                   [rule("r1", "in", "hog", "out")], files={"fn/tools.py": TOOLS})
     publish(broker, "in", b'{"mb": 500}')
     out = wait_until(lambda: collector.on("out"), timeout=10, message="the memory envelope")
     envelope = json.loads(out[0].payload)

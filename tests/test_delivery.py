@@ -11,7 +11,7 @@ import time
 import pytest
 import yaml
 
-from tests.helpers import Broker, Collector, DaemonProcess, publish, wait_until
+from tests.helpers import Broker, Collector, DaemonProcess, function, publish, rule, wait_until
 
 TOOLS = '''
 import os, random, time
@@ -26,22 +26,6 @@ def jitter(event, context):
     time.sleep(random.random() * 0.02)
     return {"topic": context["messageTopic"], "seq": event["seq"]}
 '''
-
-
-def function(name, handler, codedir="fn", **extra):
-    return {"name": name, "handler": handler, "codedir": codedir, **extra}
-
-
-def rule(rule_id, topic, fn, out, qos=1, out_qos=1, **extra):
-    return {"id": rule_id, "subscribe": {"topic": topic, "qos": qos}, "compute": {"function": fn},
-            "publish": {"topic": out, "qos": out_qos}, **extra}
-
-
-@pytest.fixture
-def collector(broker):
-    client = Collector(broker, ["#"])
-    yield client
-    client.close()
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
@@ -239,9 +223,9 @@ def test_tls_with_client_certificates_and_passwords(tmp_path):
 
 def test_a_qos1_flood_is_answered_in_full_while_intake_pauses(broker, daemon_factory, collector):
     """Intake pausing for a full queue must not hold up publishing: every message is answered."""
-    daemon = daemon_factory([function("echo", "tools.echo", instance={"max": 2})],
-                            [rule("r1", "flood", "echo", "flood/out")], files={"fn/tools.py": TOOLS},
-                            hub={"address": broker.address, "clientid": "oef-flood", "buffer": {"max": 50}})
+    daemon_factory([function("echo", "tools.echo", instance={"max": 2})],
+                   [rule("r1", "flood", "echo", "flood/out")], files={"fn/tools.py": TOOLS},
+                   hub={"address": broker.address, "clientid": "oef-flood", "buffer": {"max": 50}})
     client = Collector(broker, [], inflight=0)
     try:
         infos = [client.client.publish("flood", json.dumps({"seq": i}), 1) for i in range(3000)]

@@ -3,28 +3,9 @@ from __future__ import annotations
 
 import json
 import re
-import time
-
-import psutil
-import pytest
-
-from tests.helpers import Collector, alive, publish, wait_until
 
 
-def function(name, handler, codedir="fn", **extra):
-    return {"name": name, "handler": handler, "codedir": codedir, **extra}
-
-
-def rule(rule_id, topic, fn, out, qos=1, out_qos=1, **extra):
-    return {"id": rule_id, "subscribe": {"topic": topic, "qos": qos}, "compute": {"function": fn},
-            "publish": {"topic": out, "qos": out_qos}, **extra}
-
-
-@pytest.fixture
-def collector(broker):
-    client = Collector(broker, ["#"])
-    yield client
-    client.close()
+from tests.helpers import alive, function, publish, rule, wait_until
 
 
 # OpenEdge's documentation (000): the sayhi handler, as published.

@@ -15,7 +15,6 @@ from openedge_function.config import Function, Instance as Limits
 from openedge_function.errors import FunctionTimeout, InvocationError
 from openedge_function.pool import Invocation, Pool
 from openedge_function.watch import Watcher
-from runtime_python._pb import function_pb2 as pb
 from tests.helpers import alive, wait_until, write_handler
 
 HANDLERS = '''

@@ -15,6 +15,7 @@ import time
 from typing import Callable, Dict, List
 
 import paho.mqtt.client as mqtt
+import psutil
 import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
@@ -231,7 +232,8 @@ def test_instances_killed_under_load(tmp_path, durable_broker):
     def kill_an_instance() -> None:
         pids = daemon.instance_pids()
         assert pids, "no instance to kill"
-        os.kill(pids[0], signal.SIGKILL)
+        # The oldest: surely ready and busy (a replacement may still be starting).
+        os.kill(min(pids, key=lambda pid: psutil.Process(pid).create_time()), signal.SIGKILL)
 
     counts = run_case("an instance kill -9-ed under load, twice (retry.max 1)", durable_broker,
                       [daemon], 1000, 400, [(0.8, kill_an_instance), (1.6, kill_an_instance)])
