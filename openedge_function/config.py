@@ -282,6 +282,7 @@ class LoggerConfig:
     console: bool = True
     size_max_mb: int = 50
     backup_max: int = 15
+    summary: bool = True            # one execution-summary line per invocation (at info)
 
 
 @dataclass(frozen=True)
@@ -403,7 +404,7 @@ def parse_config(data: Any, file: str, workdir: str) -> AppConfig:
         rules.append(rule)
 
     logger = _parse_logger(top.section("logger", (
-        "path", "level", "format", "console", "size", "backup"), ("age",)), workdir)
+        "path", "level", "format", "console", "size", "backup", "summary"), ("age",)), workdir)
     return AppConfig(file=file, hub=hub, rules=tuple(rules), functions=tuple(functions), logger=logger)
 
 
@@ -622,4 +623,5 @@ def _parse_logger(r: _Reader, workdir: str) -> LoggerConfig:
         console=r.get("console", boolean, path is None),
         size_max_mb=r.section("size", ("max",)).get("max", bounded_int(1, None), 50),
         backup_max=r.section("backup", ("max",)).get("max", bounded_int(0, None), 15),
+        summary=r.get("summary", boolean, True),
     )

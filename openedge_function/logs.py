@@ -40,3 +40,5 @@ def setup_logging(config: LoggerConfig) -> None:
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)
+    # The summary logger is checked before each line is built: off, it costs nothing per message.
+    logging.getLogger("openedge_function.summary").setLevel(logging.NOTSET if config.summary else logging.WARNING)

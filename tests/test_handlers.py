@@ -275,3 +275,13 @@ def test_a_handler_subprocess_dies_with_its_instance_on_timeout(broker, daemon_f
     assert json.loads(out[0].payload)["errorType"] == "FunctionTimeout"
     child = int((tmp_path / "child").read_text())
     wait_until(lambda: not alive([child]), timeout=5, message="the handler's subprocess to die")
+
+
+def test_summary_lines_can_be_turned_off(broker, daemon_factory, collector):
+    daemon = daemon_factory([function("quiet", "main.handler")], [rule("r1", "in", "quiet", "out")],
+                            files={"fn/main.py": "def handler(event, context):\n    return event\n"},
+                            logger={"level": "debug", "summary": False})
+    publish(broker, "in", b"{}")
+    wait_until(lambda: collector.on("out"), message="the answer")
+    daemon.stop()
+    assert "openedge_function.summary" not in daemon.log()
