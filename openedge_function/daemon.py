@@ -241,6 +241,11 @@ class Daemon:
             runner.intake.stop()
         if self.publisher is not None:
             self.publisher.stop()
+        for runner in self.rules:
+            stats = runner.stats()
+            log.info("rule %s: received %d, published %d, failed %d, dropped %d",
+                     runner.rule.name, stats["received"], stats["published"], stats["failed"],
+                     stats["dropped"])
         for pool in pools:
             stats = pool.stats()
             log.info("function %s: peak queue %d, dropped %d QoS 0 messages", pool.function.name,

@@ -403,6 +403,8 @@ def test_qos0_beyond_the_queue_is_dropped_and_counted(broker, daemon_factory, co
     [dropped] = re.findall(r"function slow: peak queue \d+, dropped (\d+)", daemon.log())
     dropped = int(dropped)
     assert dropped > 0 and dropped + len(collector.on("out")) == 150
+    assert re.search(rf"rule r1: received 150, published {len(collector.on('out'))}, failed 0, "
+                     rf"dropped {dropped}", daemon.log())
 
 
 def test_a_broken_function_is_retried_after_a_back_off_not_in_a_loop(broker, daemon_factory, collector):
