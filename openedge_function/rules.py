@@ -84,8 +84,14 @@ class RuleRunner:
             return
         if self._ordered and self._wait_turn(invocation):
             return
-        if not self.pool.submit(invocation, droppable=qos == 0):
-            self._drop(invocation)
+        pool = self.pool
+        while not pool.submit(invocation, droppable=qos == 0):
+            if qos == 0 or self.pool is pool:
+                self._drop(invocation)
+                return
+            # A reload replaced the pool while this message waited for room in the old one: it
+            # belongs to the new one (left unacknowledged, nothing would deliver it again).
+            pool = self.pool
 
     def _wait_turn(self, invocation: Invocation) -> bool:
         """ordered: True when another message of the topic is in progress and this one waits."""

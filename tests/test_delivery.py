@@ -235,3 +235,24 @@ def test_a_qos1_flood_is_answered_in_full_while_intake_pauses(broker, daemon_fac
         client.close()
     wait_until(lambda: len(collector.on("flood/out")) >= 3000, timeout=90, message="3000 answers")
     assert {json.loads(m.payload)["seq"] for m in collector.on("flood/out")} == set(range(3000))
+
+
+@pytest.mark.broker_config("max_inflight_messages 0\n")   # enough arrives to hold intake
+def test_a_reload_while_intake_waits_for_room_loses_nothing(broker, daemon_factory, collector):
+    daemon = daemon_factory([function("slow", "main.handler", codedir="v", env={"V": "1"},
+                                      instance={"max": 1})],
+                            [rule("r1", "in", "slow", "out")],
+                            files={"v/main.py": "import os, time\ndef handler(event, context):\n"
+                                                "    time.sleep(0.01)\n    return event\n"})
+    client = Collector(broker, [], inflight=0)
+    try:
+        infos = [client.client.publish("in", json.dumps({"seq": i}), 1) for i in range(300)]
+        wait_until(lambda: "pausing intake" in daemon.log(), message="intake to wait for room")
+        write_config(daemon, lambda config: config["functions"][0]["env"].update({"V": "2"}))
+        daemon.signal(signal.SIGHUP)
+        for info in infos:
+            info.wait_for_publish(30)
+    finally:
+        client.close()
+    wait_until(lambda: len({json.loads(m.payload)["seq"] for m in collector.on("out")}) == 300,
+               timeout=60, message="every message answered across the reload")
