@@ -99,7 +99,7 @@ class Daemon:
         log.info("openedge-function (pid %s): %d functions, %d rules, broker %s",
                  os.getpid(), len(self.pools), len(self.rules), config.hub.address)
         for pool in self.pools.values():
-            pool.start()
+            pool.maintain()
         for runner in self.rules:
             runner.start()
 
@@ -162,7 +162,7 @@ class Daemon:
                 pools[function.name] = pool
             else:
                 pools[function.name] = self._pool(function)
-                pools[function.name].start()
+                pools[function.name].maintain()
         leaving = [pool for name, pool in self.pools.items() if pools.get(name) is not pool]
 
         kept: List[RuleRunner] = []

@@ -154,13 +154,9 @@ class Pool:
         while len(self._queue) >= self.queue_max and not self._closed:
             self._space.wait(1.0)
 
-    def start(self) -> None:
-        """Start the `min` instances now (not at the first message)."""
-        with self._lock:
-            self._grow()
-
     def maintain(self) -> None:
-        """Periodic: restore `min` instances once a failure's back-off has passed."""
+        """Start the `min` instances: at boot (not at the first message), and periodically, to
+        replace lost ones and to try again once a failure's back-off has passed."""
         with self._lock:
             self._grow()
 
@@ -258,8 +254,7 @@ class Pool:
                 live = len(self._workers) - self._retiring
                 if self._closed or worker.instance.lost.is_set() or (expired and live > self._min):
                     self._idle.remove(worker)
-                    self._retiring += 1
-                    worker.retiring = True
+                    self._mark_retiring(worker)
                     return None
                 if expired:   # kept for `min`: start a new idle period
                     worker.idle_since = now
@@ -271,9 +266,14 @@ class Pool:
     def _retire(self, worker: "_Worker") -> None:
         """Mark `worker` as leaving because its instance is unusable (lock not held)."""
         with self._lock:
-            if not worker.retiring:
-                worker.retiring = True
-                self._retiring += 1
+            self._mark_retiring(worker)
+
+    def _mark_retiring(self, worker: "_Worker") -> None:
+        """`worker` leaves: it no longer counts as live, though its process is not reaped yet
+        (lock held)."""
+        if not worker.retiring:
+            worker.retiring = True
+            self._retiring += 1
 
     def _gone(self, worker: "_Worker") -> None:
         with self._lock:

@@ -163,7 +163,7 @@ def test_the_most_recently_idle_instance_is_used_first(harness):
 
 def test_min_instances_start_at_boot_and_a_killed_one_is_replaced(harness):
     h = harness("handlers.pid", min=2, max=3, idletime=0.5)
-    h.pool.start()
+    h.pool.maintain()
     first = wait_until(lambda: len(h.processes()) == 2 and h.processes(), message="two warm instances")
     wait_until(lambda: h.pool.stats()["idle"] == 2, message="both ready")
     victim = first[0]
