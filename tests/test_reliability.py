@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -230,9 +231,12 @@ def test_instances_killed_under_load(tmp_path, durable_broker):
                                                       retry={"max": 1}))
 
     def kill_an_instance() -> None:
-        pids = daemon.instance_pids()
-        assert pids, "no instance to kill"
-        # The oldest: surely ready and busy (a replacement may still be starting).
+        # One the daemon said is ready (on a loaded machine, one may still be starting), and
+        # the oldest of those: busy since the start.
+        def ready() -> list:
+            said = {int(pid) for pid in re.findall(r"ready \(pid (\d+)\)", daemon.log())}
+            return sorted(said & set(daemon.instance_pids()))
+        pids = wait_until(ready, 10, message="a ready instance to kill")
         os.kill(min(pids, key=lambda pid: psutil.Process(pid).create_time()), signal.SIGKILL)
 
     counts = run_case("an instance kill -9-ed under load, twice (retry.max 1)", durable_broker,
