@@ -32,7 +32,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from tests.helpers import Broker, wait_until  # noqa: E402  (the tests' mosquitto fixture)
+from runtime_python.template import NAME as TEMPLATE_NAME  # noqa: E402
+from tests.helpers import Broker, is_instance, wait_until  # noqa: E402  (the tests' fixtures)
 
 ECHO = "def handler(event, context):\n    return event\n"
 
@@ -167,16 +168,23 @@ class DaemonUnderTest:
         if self.process is None:
             return []
         try:
-            return [p for p in psutil.Process(self.process.pid).children()
-                    if "runtime_python" in " ".join(p.cmdline())]
+            return [p for p in psutil.Process(self.process.pid).children() if is_instance(p.cmdline(), p.name())]
         except psutil.Error:
             return []
 
     def memory(self) -> dict:
-        supervisor = psutil.Process(self.process.pid).memory_info().rss
-        instances = [p.memory_info().rss for p in self.instances()]
-        return {"supervisor_mb": round(supervisor / 2**20, 1),
-                "instances_mb": [round(rss / 2**20, 1) for rss in instances]}
+        """Resident memory (RSS) of each process; for instances also PSS, their share of the
+        pages they hold with the template and each other, and USS, the pages only they hold."""
+        mb = lambda value: round(value / 2**20, 1)  # noqa: E731
+        supervisor = psutil.Process(self.process.pid)
+        instances = [p.memory_full_info() for p in self.instances()]
+        templates = [p.memory_full_info() for p in supervisor.children() if p.name() == TEMPLATE_NAME]
+        return {"supervisor_mb": mb(supervisor.memory_info().rss),
+                "instances_mb": [mb(m.rss) for m in instances],
+                "instances_pss_mb": [mb(m.pss) for m in instances],
+                "instances_uss_mb": [mb(m.uss) for m in instances],
+                "template_mb": mb(templates[0].rss) if templates else None,
+                "template_pss_mb": mb(templates[0].pss) if templates else None}
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -276,8 +284,10 @@ def main() -> int:
                         f"p99 {run['latency_ms'].get('p99')} ms, lost {run['lost']}")
             time.sleep(1.0)
             results["memory"] = daemon.memory()
-            say(f"  memory: supervisor {results['memory']['supervisor_mb']} MB, instances "
-                f"{results['memory']['instances_mb']} MB")
+            memory = results["memory"]
+            say(f"  memory: supervisor {memory['supervisor_mb']} MB, instances {memory['instances_mb']} MB "
+                f"(PSS {memory['instances_pss_mb']}, USS {memory['instances_uss_mb']}), template "
+                f"{memory['template_mb']} MB (PSS {memory['template_pss_mb']})")
         finally:
             daemon.stop()
 
@@ -322,7 +332,12 @@ def table(results: dict) -> str:
     memory = results["memory"]
     lines.append(f"| resident memory, supervisor with {len(memory['instances_mb'])} instances, MB | | "
                  f"{memory['supervisor_mb']} | |")
-    lines.append(f"| resident memory per idle instance, MB | | {', '.join(map(str, memory['instances_mb']))} | |")
+    lines.append(f"| resident memory per idle instance, MB: RSS / PSS / USS | | "
+                 f"{', '.join(map(str, memory['instances_mb']))} / {', '.join(map(str, memory['instances_pss_mb']))}"
+                 f" / {', '.join(map(str, memory['instances_uss_mb']))} | |")
+    if memory.get("template_mb") is not None:
+        lines.append(f"| resident memory of the instance template, MB: RSS / PSS | | {memory['template_mb']} / "
+                     f"{memory['template_pss_mb']} | |")
     return "\n".join(lines)
 
 

@@ -28,11 +28,13 @@ from .hub import Publisher
 from .logs import setup_logging
 from .pool import Pool
 from .rules import RuleRunner
+from .template import Template, become_subreaper, reap_orphans
 from .watch import Watcher
 
 log = logging.getLogger(__name__)
 
 _TICK = 0.1            # seconds between maintenance passes: memory checks, min instances
+_REAP_EVERY = 1.0      # seconds between collecting what instances' subprocesses left orphaned
 _SHUTDOWN_EXTRA = 5.0  # on top of the longest function timeout, for a graceful stop
 
 
@@ -52,6 +54,8 @@ class Daemon:
         os.set_blocking(self._wake_w, False)
         self._rundir: Optional[str] = None
         self._watcher: Optional[Watcher] = None
+        self._template: Optional[Template] = None
+        self._reaped_at = 0.0
 
     # -- signals: the handlers only queue -----------------------------------------------------
 
@@ -80,11 +84,21 @@ class Daemon:
         # Instances listen in a private directory (mkdtemp makes it 0700).
         self._rundir = tempfile.mkdtemp(prefix="openedge-function-")
         self._watcher = Watcher()
+        # Instances are forks of a template that has imported the runtime already; they come back
+        # to us as children only if we are a subreaper.
+        if become_subreaper():
+            self._template = Template()
+            self._template.start()
+        else:
+            log.info("instances start as new interpreters (cannot be a child subreaper here)")
         try:
             self._start()
             self._loop()
             return self._shutdown()
         finally:
+            if self._template is not None:
+                self._template.close()
+                reap_orphans()
             if self._watcher is not None:
                 self._watcher.close()
             shutil.rmtree(self._rundir, ignore_errors=True)
@@ -114,7 +128,7 @@ class Daemon:
 
     def _pool(self, function) -> Pool:
         assert self._rundir is not None and self._watcher is not None
-        return Pool(function, self._rundir, self._watcher)
+        return Pool(function, self._rundir, self._watcher, template=self._template)
 
     @staticmethod
     def _runner(rule: Rule, config: AppConfig, pools: Dict[str, Pool], publisher: Publisher) -> RuleRunner:
@@ -140,6 +154,11 @@ class Daemon:
             if pool.join(0):
                 self._leaving.remove(pool)
         self._transitions = [t for t in self._transitions if t.is_alive()]
+        now = time.monotonic()
+        if self._template is not None and now - self._reaped_at >= _REAP_EVERY:
+            self._reaped_at = now
+            self._template.check()
+            reap_orphans()
 
     # -- reload -----------------------------------------------------------------------------------
 

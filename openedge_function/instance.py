@@ -28,7 +28,8 @@ from runtime_python.output import MARK, SEPARATOR
 
 from .config import Function
 from .errors import FunctionLoadError, InstanceCrashed
-from .lifecycle import Lifecycle, State
+from .lifecycle import Lifecycle, State, describe_exit
+from .template import ForkedProcess, Template, disown, forkable, own
 from .watch import LineSplitter, Watcher
 
 log = logging.getLogger(__name__)
@@ -79,28 +80,18 @@ def function_spec(function: Function) -> Dict[str, Any]:
     }
 
 
-def describe_exit(returncode: Optional[int]) -> str:
-    if returncode is None:
-        return "is still running"
-    if returncode < 0:
-        try:
-            return f"was killed by signal {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"was killed by signal {-returncode}"
-    return f"exited with status {returncode}"
-
-
 class Instance:
     """A runtime process and the gRPC client that talks to it; one invocation at a time."""
 
     def __init__(self, function: Function, seq: int, rundir: str, watcher: Watcher,
-                 on_lost: Callable[["Instance"], None]) -> None:
+                 on_lost: Callable[["Instance"], None], template: Optional[Template] = None) -> None:
         self.function = function
+        self._template = template
         self.id = f"{function.name}-{seq}"
         self.lifecycle = Lifecycle()
         # Socket names are unique across every pool of the daemon: a reused path would be taken over.
         self.socket_path = os.path.join(rundir, f"{next(_SOCKETS)}.sock")
-        self.process: Optional[subprocess.Popen] = None
+        self.process: Any = None   # a subprocess.Popen or a ForkedProcess
         self.lost = threading.Event()          # its status socket closed: the process is going
         self.memory_exceeded: Optional[int] = None   # RSS that got it killed
         self._watcher = watcher
@@ -145,27 +136,24 @@ class Instance:
         ours, theirs = socket.socketpair()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        command = [
-            fn.python or sys.executable, "-m", "runtime_python",
+        argv = [
             "--function", fn.name, "--handler", fn.handler, "--codedir", fn.codedir,
             "--socket", self.socket_path, "--instance-id", self.id,
             "--status-fd", str(theirs.fileno()), "--parent-pid", str(os.getpid()),
             "--timeout-ms", str(int(fn.instance.timeout * 1000)),
         ]
         if fn.initializer:
-            command += ["--initializer", fn.initializer]
+            argv += ["--initializer", fn.initializer]
+        env = instance_environment(fn, self.id)
         try:
-            self.process = subprocess.Popen(
-                command, cwd=fn.codedir, env=instance_environment(fn, self.id),
-                stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
-                pass_fds=(theirs.fileno(),), start_new_session=True,
-            )
+            self.process = self._spawn(argv, env, theirs.fileno(), out_w, err_w)
         except OSError as exc:
             for fd in (out_r, err_r):
                 os.close(fd)
             ours.close()
             self.lifecycle.to(State.EXITED)
-            raise InstanceCrashed(f"instance {self.id}: cannot start {command[0]}: {exc}") from None
+            raise InstanceCrashed(f"instance {self.id}: cannot start {fn.python or sys.executable}: "
+                                  f"{exc}") from None
         finally:
             theirs.close()
             os.close(out_w)
@@ -213,6 +201,25 @@ class Instance:
         # One stream for the instance's life: a message costs a write and a read, not a call.
         self._responses = stub.Session(iter(self._requests.get, None))
         self.lifecycle.to(State.IDLE)
+
+    def _spawn(self, argv: List[str], env: Dict[str, str], status_fd: int, out_fd: int,
+                err_fd: int) -> Any:
+        """A fork of the template when the function allows it, else a fresh interpreter."""
+        fn = self.function
+        if self._template is not None and forkable(fn):
+            try:
+                pid = self._template.spawn(argv, fn.codedir, env, (status_fd, out_fd, err_fd), self.id)
+                return ForkedProcess(pid, argv)
+            except (OSError, ValueError) as exc:
+                log.warning("instance %s: the template cannot fork it (%s); starting a new "
+                            "interpreter", self.id, exc)
+        process = subprocess.Popen(
+            [fn.python or sys.executable, "-m", "runtime_python"] + argv, cwd=fn.codedir, env=env,
+            stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd,
+            pass_fds=(status_fd,), start_new_session=True,
+        )
+        own(process.pid)
+        return process
 
     def _on_status(self, lines: LineSplitter, chunk: bytes) -> None:
         lines.feed(chunk)
@@ -267,6 +274,8 @@ class Instance:
             # The leader is not reaped yet, so its pid still names our group, not a stranger's.
             self._signal_group(signal.SIGKILL)
             proc.wait()
+        if proc is not None:
+            disown(proc.pid)
         self.lifecycle.to(State.EXITED)
 
     def _exited_within(self, seconds: float) -> bool:

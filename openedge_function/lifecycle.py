@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import enum
+import signal
 import threading
+from typing import Optional
 
 
 class State(enum.Enum):
@@ -49,3 +51,14 @@ class Lifecycle:
                 raise InvalidTransition(f"{old.value} -> {new.value}")
             self._state = new
             return old
+
+
+def describe_exit(returncode: Optional[int]) -> str:
+    if returncode is None:
+        return "is still running"
+    if returncode < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"

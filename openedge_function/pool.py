@@ -24,6 +24,7 @@ from .errors import (FunctionTimeout, InstanceCrashed, InvocationError,
                      MemoryLimitExceeded)
 from .instance import Instance
 from .lifecycle import State
+from .template import Template
 from .watch import Watcher
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,10 @@ class Invocation:
 class Pool:
     """The instances of one function, and the invocations waiting for them."""
 
-    def __init__(self, function: Function, rundir: str, watcher: Watcher, queue_max: int = 0) -> None:
+    def __init__(self, function: Function, rundir: str, watcher: Watcher, queue_max: int = 0,
+                 template: Optional[Template] = None) -> None:
         self.function = function
+        self._template = template
         self._rundir = rundir
         self._watcher = watcher
         limits = function.instance
@@ -175,7 +178,8 @@ class Pool:
             wanted = min(wanted, 1 - self._starting)
         for _ in range(max(0, min(wanted, self._max - len(self._workers)))):
             self._seq += 1
-            instance = Instance(self.function, self._seq, self._rundir, self._watcher, self._on_lost)
+            instance = Instance(self.function, self._seq, self._rundir, self._watcher, self._on_lost,
+                                self._template)
             worker = _Worker(self, instance)
             self._workers.add(worker)
             self._starting += 1

@@ -17,6 +17,8 @@ import psutil
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
+from runtime_python.template import NAME as TEMPLATE_NAME
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -204,10 +206,9 @@ class DaemonProcess:
         if self.process is None:
             return []
         pids = []
-        for proc in psutil.process_iter(["cmdline", "ppid"]):
-            cmdline = proc.info["cmdline"] or []
-            if "runtime_python" in cmdline and "--parent-pid" in cmdline and \
-                    str(self.process.pid) in cmdline:
+        for proc in psutil.process_iter(["cmdline", "ppid", "name"]):
+            if proc.info["ppid"] == self.process.pid and is_instance(proc.info["cmdline"] or [],
+                                                                    proc.info["name"]):
                 pids.append(proc.pid)
         self.seen_pids.update(pids)
         return pids
@@ -233,6 +234,17 @@ class DaemonProcess:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+def is_instance(cmdline: Sequence[str], name: str) -> bool:
+    """Whether a child of the daemon with this command line and name is an instance. Forks of the
+    template share its command line but carry their instance's name; the template's own name is
+    its executable's until it renames itself."""
+    if "runtime_python" in cmdline:
+        return True
+    if "runtime_python.template" in cmdline:
+        return name not in (TEMPLATE_NAME, os.path.basename(cmdline[0])[:15])
+    return False
 
 
 def alive(pids: Sequence[int]) -> List[int]:
