@@ -1,7 +1,9 @@
-"""`openedge-function -c application.yml`: the command line."""
+"""`openedge-function -c application.yml` runs the daemon; `openedge-function invoke|status` talk to
+one through its HTTP server."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import List, Optional
@@ -9,13 +11,17 @@ from typing import List, Optional
 from . import __version__
 from .config import load_config
 from .daemon import Daemon
-from .errors import ConfigError
+from .errors import ConfigError, ServerError
+from .sdk import ADDRESS_ENV, DEFAULT_ADDRESS, TOKEN_ENV, Client, InvokeError
 from .logs import setup_logging
 
 EXIT_CONFIG = 2
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("invoke", "status"):
+        return client_main(argv)
     parser = argparse.ArgumentParser(
         prog="openedge-function",
         description="Edge function compute: MQTT rules feed Python handlers in pooled instances.")
@@ -35,4 +41,82 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{args.config}: ok ({len(config.functions)} functions, {len(config.rules)} rules)")
         return 0
     setup_logging(config.logger)
-    return Daemon(config, args.workdir or os.getcwd()).run()
+    try:
+        return Daemon(config, args.workdir or os.getcwd()).run()
+    except ServerError as exc:
+        print(f"openedge-function: {exc}", file=sys.stderr)
+        return 1
+
+
+def client_main(argv: List[str]) -> int:
+    """`invoke` and `status`: talk to a running daemon's HTTP server."""
+    parser = argparse.ArgumentParser(prog="openedge-function", description="Talk to a running daemon.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    invoke = commands.add_parser("invoke", help="run a function and print its result")
+    invoke.add_argument("function")
+    invoke.add_argument("event", nargs="?", default=None,
+                        help="the event: JSON, else sent as bytes; '-' reads standard input")
+    status = commands.add_parser("status", help="print functions, instances and counters")
+    for command in (invoke, status):
+        command.add_argument("--address", default=None,
+                             help=f"host:port of the daemon's server (default: ${ADDRESS_ENV} or {DEFAULT_ADDRESS})")
+        command.add_argument("--token", default=None, help=f"bearer token (default: ${TOKEN_ENV})")
+    args = parser.parse_args(argv)
+    client = Client(address=args.address, token=args.token)
+    if args.command == "status":
+        return _status(client)
+    raw = sys.stdin.buffer.read() if args.event == "-" else (
+        None if args.event is None else args.event.encode("utf-8"))
+    data: object = raw
+    if raw is not None:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            pass
+    try:
+        result = client.invoke(args.function, data=data)
+    except InvokeError as exc:
+        envelope = exc.response if isinstance(exc.response, dict) else {
+            "errorMessage": exc.message, "errorType": exc.code, "stackTrace": exc.stack_trace,
+            "requestId": exc.request_id}
+        print(json.dumps(envelope, indent=2, ensure_ascii=False))
+        return 1
+    if isinstance(result, bytes):
+        sys.stdout.buffer.write(result)
+        sys.stdout.flush()
+    elif result is not None:
+        print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+def _status(client: Client) -> int:
+    import http.client
+    connection = http.client.HTTPConnection(client.address, timeout=10)
+    headers = {"Authorization": f"Bearer {client.token}"} if client.token else {}
+    try:
+        connection.request("GET", "/status", headers=headers)
+        response = connection.getresponse()
+        body = response.read()
+    except OSError as exc:
+        print(f"openedge-function: cannot reach the daemon at {client.address}: {exc}", file=sys.stderr)
+        return 1
+    if response.status != 200:
+        print(f"openedge-function: {response.status} {body.decode('utf-8', 'replace')}", file=sys.stderr)
+        return 1
+    status = json.loads(body)
+    print(f"daemon pid {status['pid']}, up {status['uptime_s']}s, broker {status['broker']['address']} "
+          f"({'connected' if status['broker']['connected'] else 'NOT connected'}), "
+          f"{'healthy' if status['healthy'] else 'UNHEALTHY: ' + '; '.join(status['reasons'])}")
+    print("functions:")
+    for name, fn in status["functions"].items():
+        states = ", ".join(f"{count} {state}" for state, count in sorted(fn["states"].items())) or "none"
+        print(f"  {name} ({fn['type']}): instances {fn['instances']} of max {fn['max']} ({states}), "
+              f"queued {fn['queued']}, peak queue {fn['queue_peak']}, dropped {fn['dropped']}")
+        for instance in fn["instance_list"]:
+            print(f"    {instance['id']}  pid {instance['pid']}  {instance['state']}")
+    print("rules:")
+    for name, rule in status["rules"].items():
+        print(f"  {name} -> {rule['function']}: received {rule['received']}, published {rule['published']}, "
+              f"failed {rule['failed']}, dropped {rule['dropped']}"
+              f"{'' if rule['connected'] else ', NOT connected'}")
+    return 0

@@ -8,6 +8,7 @@ and the value; unknown keys are errors, with a did-you-mean where one is close.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import logging
 import os
 import re
@@ -264,6 +265,7 @@ class Function:
     env: Mapping[str, str] = field(default_factory=dict)
     instance: Instance = field(default_factory=Instance)
     event: str = "openedge"         # openedge: JSON-decoded else bytes; raw: always bytes
+    type: str = "event"             # event: handler(event, context); http: a WSGI application
     log_max: int = 4096             # handler output kept per invocation
     version: str = "LATEST"
     alias: str = ""
@@ -286,12 +288,28 @@ class LoggerConfig:
 
 
 @dataclass(frozen=True)
+class Server:
+    """The HTTP server: invoke API, HTTP functions, /metrics, /healthz."""
+    host: str
+    port: int
+    token: str = ""                 # required as a bearer token on every request when set
+    threads: int = 16               # requests served at once (calls wait in these threads)
+    body_max: int = 4 << 20         # largest request body read (functions' own limits apply too)
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class AppConfig:
     file: str
     hub: Hub
     rules: Tuple[Rule, ...]
     functions: Tuple[Function, ...]
     logger: LoggerConfig
+    server: Optional[Server] = None
 
     def function(self, name: str) -> Function:
         for fn in self.functions:
@@ -376,7 +394,7 @@ def load_config(path: str, workdir: Optional[str] = None) -> AppConfig:
 
 
 def parse_config(data: Any, file: str, workdir: str) -> AppConfig:
-    top = _Reader(file, "", data, ("hub", "rules", "functions", "logger"), _MODULE_KEYS)
+    top = _Reader(file, "", data, ("hub", "rules", "functions", "logger", "server"), _MODULE_KEYS)
     hub = _parse_hub(top.section("hub", (
         "address", "clientid", "username", "password", "ca", "cert", "key", "insecureSkipVerify",
         "cleansession", "timeout", "interval", "keepalive", "protocol", "sessionexpiry", "buffer"),
@@ -399,13 +417,46 @@ def parse_config(data: Any, file: str, workdir: str) -> AppConfig:
     names = [f.name for f in functions]
     for i, raw in enumerate(raw_rules):
         rule = _parse_rule(file, i, raw, names)
+        if next(f for f in functions if f.name == rule.function).type == "http":
+            raise ConfigError(file, f"rules[{i}].compute.function",
+                              f"{rule.function!r} is an HTTP function (type: http); a rule needs an "
+                              "event function")
         if rule.id is not None and any(r.id == rule.id for r in rules):
             raise ConfigError(file, f"rules[{i}].id", f"{rule.id!r} is used by another rule")
         rules.append(rule)
 
     logger = _parse_logger(top.section("logger", (
         "path", "level", "format", "console", "size", "backup", "summary"), ("age",)), workdir)
-    return AppConfig(file=file, hub=hub, rules=tuple(rules), functions=tuple(functions), logger=logger)
+    server = None
+    if top.data.get("server") is not None:
+        server = _parse_server(top.section("server", ("address", "token", "threads", "body")))
+    return AppConfig(file=file, hub=hub, rules=tuple(rules), functions=tuple(functions), logger=logger,
+                     server=server)
+
+
+def _parse_server(r: _Reader) -> Server:
+    address = r.get("address", nonempty_string, required=True)
+    match = re.match(r"^(?:http://)?([^:/\[\]]*|\[[^\]]+\]):(\d+)/?$", address)
+    if not match:
+        raise r.fail("address", f"{address!r} is not host:port (for example 127.0.0.1:8080)")
+    host, port = match.group(1).strip("[]") or "0.0.0.0", int(match.group(2))
+    if not 0 < port < 65536:
+        raise r.fail("address", f"{address!r}: port {port} is out of range")
+    token = r.get("token", string, "")
+    if not token and not _loopback(host):
+        raise r.fail("token", f"required when the server listens beyond loopback ({address!r}): "
+                     "without one, anyone who reaches the port could run functions")
+    return Server(host=host, port=port, token=token, threads=r.get("threads", bounded_int(1, 256), 16),
+                  body_max=r.section("body", ("max",)).get("max", byte_size, 4 << 20))
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _parse_hub(r: _Reader, workdir: str) -> Hub:
@@ -507,7 +558,7 @@ _MAX = bounded_int(1, 100)
 
 def _parse_function(file: str, path: str, raw: Any, workdir: str) -> Function:
     r = _Reader(file, path, raw, ("name", "handler", "codedir", "initializer", "runtime", "python",
-                                  "env", "instance", "event", "log", "version", "alias", "package",
+                                  "env", "instance", "event", "type", "log", "version", "alias", "package",
                                   "region", "account_id", "credentials", "service"), ("id", "entry"))
     name = r.get("name", function_name, required=True)
     handler = r.get("handler", entry_point, required=True)
@@ -550,6 +601,7 @@ def _parse_function(file: str, path: str, raw: Any, workdir: str) -> Function:
         instance=_parse_instance(r.section("instance", (
             "min", "max", "idletime", "timeout", "memory", "cpu", "pids", "message"))),
         event=r.get("event", one_of("openedge", "raw"), "openedge"),
+        type=r.get("type", one_of("event", "http"), "event"),
         log_max=r.section("log", ("max",)).get("max", byte_size, 4096),
         version=r.get("version", string, "LATEST"),
         alias=r.get("alias", string, ""),

@@ -12,6 +12,7 @@ with an error is refused with the error logged, and the running one stays.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import select
@@ -22,10 +23,14 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
-from .config import AppConfig, Hub, Rule, load_config
-from .errors import ConfigError
+from runtime_python.sdk import ADDRESS_ENV, TOKEN_ENV
+
+from .api import Api, HttpServer
+from .config import AppConfig, Hub, Rule, Server, load_config
+from .errors import ConfigError, ServerError
 from .hub import Publisher
 from .logs import setup_logging
+from .metrics import Metrics
 from .pool import Pool
 from .rules import RuleRunner
 from .template import Template, become_subreaper, reap_orphans
@@ -56,6 +61,10 @@ class Daemon:
         self._watcher: Optional[Watcher] = None
         self._template: Optional[Template] = None
         self._reaped_at = 0.0
+        self.metrics: Optional[Metrics] = None
+        self.http: Optional[HttpServer] = None
+        self._runtime_env: Dict[str, str] = {}
+        self.started_at = time.time()
 
     # -- signals: the handlers only queue -----------------------------------------------------
 
@@ -92,10 +101,14 @@ class Daemon:
         else:
             log.info("instances start as new interpreters (cannot be a child subreaper here)")
         try:
+            if self.config.server is not None:
+                self._serve(self.config.server)
             self._start()
             self._loop()
             return self._shutdown()
         finally:
+            if self.http is not None:
+                self.http.close()
             if self._template is not None:
                 self._template.close()
                 reap_orphans()
@@ -114,8 +127,64 @@ class Daemon:
                  os.getpid(), len(self.pools), len(self.rules), config.hub.address)
         for pool in self.pools.values():
             pool.maintain()
+        if self.http is not None:
+            self.http.start()
         for runner in self.rules:
             runner.start()
+
+    def _serve(self, server: Server) -> None:
+        """Bind the HTTP server (it serves once the pools exist) and tell instances where it is."""
+        self.metrics = Metrics(self)
+        try:
+            self.http = HttpServer(Api(self, server, self.metrics), server)
+        except OSError as exc:
+            raise ServerError(f"server.address: cannot listen on {server.address}: {exc.strerror or exc}") \
+                from None
+        address = f"127.0.0.1:{self.http.port}" if server.host in ("0.0.0.0", "::", "") else \
+            server.address.rsplit(":", 1)[0] + f":{self.http.port}"
+        self._runtime_env = {ADDRESS_ENV: address}
+        if server.token:
+            self._runtime_env[TOKEN_ENV] = server.token
+        log.info("HTTP server on http://%s:%d%s", server.host, self.http.port,
+                 "" if server.token else " without a token: it only accepts loopback addresses "
+                 "(set server.token to listen beyond)")
+
+    def health(self) -> Tuple[bool, List[str]]:
+        """Whether the daemon serves: connected to the broker and every `min` instance up."""
+        reasons = []
+        if self.publisher is not None and not self.publisher.connected.is_set():
+            reasons.append("the publisher is not connected to the broker")
+        for runner in list(self.rules):
+            if not runner.intake.connected.is_set():
+                reasons.append(f"rule {runner.rule.name} is not connected to the broker")
+        for name, pool in list(self.pools.items()):
+            stats = pool.stats()
+            ready = stats["instances"] - stats["starting"] - stats["states"].get("stopping", 0)
+            if stats["failing"]:
+                reasons.append(f"function {name} fails to load: {stats['failing']}")
+            elif ready < pool.function.instance.min:
+                reasons.append(f"function {name} has {ready} of its {pool.function.instance.min} "
+                               "minimum instances up")
+        return not reasons, reasons
+
+    def status(self) -> dict:
+        """What `openedge-function status` prints."""
+        ok, reasons = self.health()
+        functions = {}
+        for name, pool in list(self.pools.items()):
+            functions[name] = {
+                "type": pool.function.type, "min": pool.function.instance.min,
+                "max": pool.function.instance.max, **pool.stats(),
+                "instance_list": [{"id": i.id, "pid": i.pid, "state": i.state.value} for i in pool.instances()],
+            }
+        rules = {runner.rule.name: {"function": runner.function.name,
+                                    "connected": runner.intake.connected.is_set(), **runner.stats()}
+                 for runner in list(self.rules)}
+        return {"pid": os.getpid(), "uptime_s": round(time.time() - self.started_at, 1),
+                "healthy": ok, "reasons": reasons,
+                "broker": {"address": self.config.hub.address,
+                           "connected": bool(self.publisher and self.publisher.connected.is_set())},
+                "functions": functions, "rules": rules}
 
     @staticmethod
     def _publisher(hub: Hub) -> Publisher:
@@ -128,7 +197,11 @@ class Daemon:
 
     def _pool(self, function) -> Pool:
         assert self._rundir is not None and self._watcher is not None
-        return Pool(function, self._rundir, self._watcher, template=self._template)
+        pool = Pool(function, self._rundir, self._watcher, template=self._template,
+                    runtime_env=self._runtime_env)
+        if self.metrics is not None:
+            pool.observe = self.metrics.observer(function.name)
+        return pool
 
     @staticmethod
     def _runner(rule: Rule, config: AppConfig, pools: Dict[str, Pool], publisher: Publisher) -> RuleRunner:
@@ -169,6 +242,10 @@ class Daemon:
             log.error("SIGHUP: the new configuration is refused, the running one stays: %s", exc)
             return
         old = self.config
+        if new.server != old.server:
+            log.warning("SIGHUP: server settings change at the next restart; the HTTP server keeps %s",
+                        old.server.address if old.server else "off")
+            new = dataclasses.replace(new, server=old.server)
         if new.logger != old.logger:
             setup_logging(new.logger)
         publisher = self.publisher if new.hub == old.hub else self._publisher(new.hub)

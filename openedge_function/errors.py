@@ -2,6 +2,7 @@
 
 OpenEdgeFunctionError                 base of everything the daemon raises on purpose
 ├── ConfigError                       application.yml is wrong: names file, field and value
+├── ServerError                       the HTTP server cannot listen
 └── InvocationError                   one message could not be answered with a result
     ├── HandlerError                  the handler raised: errorType is the exception's class
     ├── ResultEncodingError           the handler's result could not be encoded
@@ -18,7 +19,7 @@ import json
 from typing import Optional, Sequence
 
 __all__ = [
-    "OpenEdgeFunctionError", "ConfigError", "InvocationError", "HandlerError",
+    "OpenEdgeFunctionError", "ConfigError", "ServerError", "InvocationError", "HandlerError",
     "ResultEncodingError", "FunctionTimeout", "MemoryLimitExceeded", "InstanceCrashed",
     "FunctionLoadError", "MessageTooLarge", "Packet", "build_envelope",
 ]
@@ -36,6 +37,10 @@ class ConfigError(OpenEdgeFunctionError):
         self.field = field
         self.message = message
         super().__init__(f"{file}: {field}: {message}" if field else f"{file}: {message}")
+
+
+class ServerError(OpenEdgeFunctionError):
+    """The HTTP server cannot start (its address is taken, say)."""
 
 
 class InvocationError(OpenEdgeFunctionError):

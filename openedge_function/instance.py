@@ -84,9 +84,11 @@ class Instance:
     """A runtime process and the gRPC client that talks to it; one invocation at a time."""
 
     def __init__(self, function: Function, seq: int, rundir: str, watcher: Watcher,
-                 on_lost: Callable[["Instance"], None], template: Optional[Template] = None) -> None:
+                 on_lost: Callable[["Instance"], None], template: Optional[Template] = None,
+                 runtime_env: Optional[Dict[str, str]] = None) -> None:
         self.function = function
         self._template = template
+        self._runtime_env = runtime_env or {}
         self.id = f"{function.name}-{seq}"
         self.lifecycle = Lifecycle()
         # Socket names are unique across every pool of the daemon: a reused path would be taken over.
@@ -145,6 +147,7 @@ class Instance:
         if fn.initializer:
             argv += ["--initializer", fn.initializer]
         env = instance_environment(fn, self.id)
+        env.update(self._runtime_env)
         try:
             self.process = self._spawn(argv, env, theirs.fileno(), out_w, err_w)
         except OSError as exc:

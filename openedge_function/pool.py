@@ -12,7 +12,7 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Callable, Deque, List, Optional, Set, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Union
 
 import grpc
 import psutil
@@ -37,6 +37,7 @@ _BACKOFF_FIRST, _BACKOFF_MAX = 1.0, 60.0
 # still runs them one after the other), as long as recent handler durations keep a batch's
 # expected run time under a quarter of the timeout.
 _BATCH_MAX, _BATCH_BYTES = 16, 1 << 20
+_NONE: dict = {}
 
 
 class Invocation:
@@ -44,7 +45,7 @@ class Invocation:
     or `abandon(invocation)` when the daemon is stopping and the message is left to the broker."""
 
     __slots__ = ("request_id", "topic", "qos", "payload", "timestamp_ms", "mid", "done", "abandon",
-                 "context", "attempts", "solo")
+                 "context", "attempts", "solo", "extra")
 
     def __init__(self, request_id: str, topic: str, qos: int, payload: bytes, timestamp_ms: int,
                  mid: int, done: Callable[["Invocation", Outcome], None],
@@ -60,15 +61,17 @@ class Invocation:
         self.context = context
         self.attempts = 0
         self.solo = False   # runs in a batch of its own (after a batch it was in failed)
+        self.extra: Optional[dict] = None   # more InvokeRequest fields (HTTP: content_type, http, ...)
 
 
 class Pool:
     """The instances of one function, and the invocations waiting for them."""
 
     def __init__(self, function: Function, rundir: str, watcher: Watcher, queue_max: int = 0,
-                 template: Optional[Template] = None) -> None:
+                 template: Optional[Template] = None, runtime_env: Optional[Dict[str, str]] = None) -> None:
         self.function = function
         self._template = template
+        self._runtime_env = runtime_env or {}
         self._rundir = rundir
         self._watcher = watcher
         limits = function.instance
@@ -92,6 +95,8 @@ class Pool:
         self._backoff = _BACKOFF_FIRST
         self.dropped = 0
         self.queue_peak = 0
+        # Called with (outcome, seconds) after each invocation that ran: the daemon's metrics.
+        self.observe: Optional[Callable[[str, float], None]] = None
         watcher.every(0.05, self.check_deadlines)
         self._held_at = float("-inf")
         self._handler_seconds: Optional[float] = None   # moving average of handler durations
@@ -124,6 +129,39 @@ class Pool:
         if failure is not None:
             invocation.done(invocation, failure)
         return True
+
+    def offer(self, invocation: Invocation, callers: int = 0) -> Optional[str]:
+        """Take a direct call (HTTP) without blocking: None when taken, else why not: `closed`,
+        `full` (no idle instance and a full queue), or `deadlock` when the `callers` instances
+        of this function that wait on this very call (context.invoke) are all it can have."""
+        failure = None
+        with self._lock:
+            if self._closed:
+                return "closed"
+            if self._idle:
+                self._idle.pop().assign(invocation)
+                return None
+            if callers >= self._max:
+                return "deadlock"
+            if self._failing() and not self._workers:
+                failure = self._failure
+            elif len(self._queue) >= self.queue_max:
+                return "full"
+            else:
+                self._enqueue(invocation)
+        if failure is not None:
+            invocation.done(invocation, failure)
+        return None
+
+    def withdraw(self, invocation: Invocation) -> bool:
+        """Take back an invocation that is still queued; False when an instance has it."""
+        with self._lock:
+            try:
+                self._queue.remove(invocation)
+            except ValueError:
+                return False
+            self._space.notify()
+            return True
 
     def push(self, invocation: Invocation, first: bool = False) -> None:
         """Queue an invocation that was already taken (a retry, the next of an ordered topic):
@@ -179,7 +217,7 @@ class Pool:
         for _ in range(max(0, min(wanted, self._max - len(self._workers)))):
             self._seq += 1
             instance = Instance(self.function, self._seq, self._rundir, self._watcher, self._on_lost,
-                                self._template)
+                                self._template, self._runtime_env)
             worker = _Worker(self, instance)
             self._workers.add(worker)
             self._starting += 1
@@ -306,7 +344,8 @@ class Pool:
         requests = [pb.InvokeRequest(
             request_id=invocation.request_id, topic=invocation.topic, qos=invocation.qos,
             payload=invocation.payload, timestamp_ms=invocation.timestamp_ms,
-            timeout_ms=self._timeout_ms, message_id=invocation.mid) for invocation in batch]
+            timeout_ms=self._timeout_ms, message_id=invocation.mid, **(invocation.extra or _NONE))
+            for invocation in batch]
         try:
             responses = instance.invoke(requests)
         except grpc.RpcError:
@@ -314,14 +353,18 @@ class Pool:
             return False
         instance.lifecycle.to(State.IDLE)
         summaries = summary_log.isEnabledFor(logging.INFO)
+        observe = self.observe
         average = self._handler_seconds
         for invocation, response in zip(batch, responses):
             seconds = response.duration_us / 1e6
             average = seconds if average is None else 0.9 * average + 0.1 * seconds
-            if summaries:
+            if summaries or observe is not None:
                 outcome = response.error_type if response.kind == pb.InvokeResponse.ERROR else (
                     "none" if response.kind == pb.InvokeResponse.NONE else "ok")
-                self._summary(invocation, outcome, seconds, response.max_rss_kb << 10)
+                if summaries:
+                    self._summary(invocation, outcome, seconds, response.max_rss_kb << 10)
+                if observe is not None:
+                    observe(outcome, seconds)
             invocation.done(invocation, response)
         self._handler_seconds = average
         return True
@@ -337,6 +380,8 @@ class Pool:
             [invocation] = batch
             error, used = self._failure_of(instance, invocation)
             self._summary(invocation, error.error_type, seconds, used)
+            if self.observe is not None:
+                self.observe(error.error_type, seconds)
             invocation.done(invocation, error)
             return
         log.warning("function %s: instance %s failed during a batch of %d; running each alone",
@@ -406,9 +451,11 @@ class Pool:
 
     def stats(self) -> dict:
         with self._lock:
+            states = collections.Counter(w.instance.state.value for w in self._workers)
             return {"instances": len(self._workers), "idle": len(self._idle),
                     "starting": self._starting, "queued": len(self._queue),
-                    "queue_peak": self.queue_peak, "dropped": self.dropped}
+                    "queue_peak": self.queue_peak, "dropped": self.dropped,
+                    "states": dict(states), "failing": self._failure.message if self._failure else None}
 
     def check_deadlines(self) -> None:
         """Cancel the stream of an instance whose invocation ran past its timeout: the invocation

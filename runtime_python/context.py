@@ -18,7 +18,10 @@ import os
 import sys
 import time
 from types import SimpleNamespace
-from typing import Any, Dict, Optional, Type
+from typing import Any, Dict, Optional, Tuple, Type
+
+# What a nested call leaves its caller to answer in, of the caller's own time.
+_INVOKE_MARGIN_MS = 100
 
 
 class Credentials(SimpleNamespace):
@@ -75,6 +78,8 @@ class Context(dict):
     function = FunctionMeta(name="", handler="", memory=0, timeout=0, initializer="")
     service = ServiceMeta(name="", log_project="", log_store="", qualifier="LATEST", version_id="")
     _static: Dict[str, Any] = {}
+    content_type = ""           # an HTTP invocation's Content-Type
+    call_chain: Tuple[str, ...] = ()   # the functions waiting on this invocation (context.invoke)
 
     def __init__(self, request_id: str, instance_id: str = "", topic: str = "", qos: int = 0,
                  timestamp_ms: int = 0, deadline: Optional[float] = None) -> None:
@@ -144,6 +149,21 @@ class Context(dict):
 
     def getLogger(self) -> Logger:
         return Logger(self.request_id)
+
+    # -- calling other functions ---------------------------------------------------------------
+
+    def invoke(self, function_name: str, event: Any = None, qualifier: Optional[str] = None,
+               namespace: Optional[str] = None) -> Any:
+        """Run another function (or this one) through the daemon and return its result; raises
+        runtime_python.sdk.InvokeError when it fails. The call gives up in time for this
+        invocation to answer within its own timeout, and the daemon refuses at once a call that
+        could only wait for an instance its own callers hold."""
+        from runtime_python.sdk import default_client
+        left = self.getRemainingTimeInMilliSeconds()
+        remaining = left - max(_INVOKE_MARGIN_MS, left // 20)
+        return default_client().invoke(function_name, data=event, qualifier=qualifier,
+                                       namespace=namespace, _chain=self.call_chain + (self.function_name,),
+                                       _timeout=max(0.001, remaining / 1000))
 
     # -- AWS-style -------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import time
 import uuid
 from typing import Any, Callable, Dict, List, Optional
 
-from runtime_python import codec
+from runtime_python import codec, wsgi
 from runtime_python.context import context_class
 from runtime_python.loader import LoadError, load, user_frames
 from runtime_python.output import Budget, LineWriter
@@ -68,12 +68,23 @@ class Runtime:
         """Run the handler on one request; return an InvokeResponse (never raises)."""
         started = time.monotonic()
         self.budget.start(request.request_id)
-        event = request.payload if self.raw_events else codec.decode_event(request.payload)
         context = self.context(request.request_id, self.instance_id, request.topic, request.qos,
                                request.timestamp_ms, started + request.timeout_ms / 1000)
+        if request.content_type:
+            context.content_type = context["contentType"] = request.content_type
+        if request.call_chain:
+            context.call_chain = tuple(request.call_chain)
+        http = request.http if request.HasField("http") else None
+        if http is None:
+            event = request.payload if self.raw_events else codec.decode_event(request.payload)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _FATAL)
         try:
-            result = self.handler(event, context)
+            if http is not None:
+                status, headers, body = wsgi.call(self.handler, http, request.payload, context)
+                result = pb.HttpResponse(status=status, body=body,
+                                         headers=[pb.Header(name=k, value=v) for k, v in headers])
+            else:
+                result = self.handler(event, context)
         except SystemExit as exc:
             # A handler that exits ends its instance, as a process exit would.
             _flush()
@@ -84,8 +95,11 @@ class Runtime:
                                          stack_trace=user_frames(exc, self.codedir))
         else:
             try:
-                kind, payload = codec.encode_result(result)
-                response = pb.InvokeResponse(kind=kind, payload=payload)
+                if http is not None:
+                    response = pb.InvokeResponse(kind=pb.InvokeResponse.NONE, http=result)
+                else:
+                    kind, payload = codec.encode_result(result)
+                    response = pb.InvokeResponse(kind=kind, payload=payload)
             except (TypeError, ValueError) as exc:
                 response = pb.InvokeResponse(kind=pb.InvokeResponse.ERROR,
                                              error_type="ResultEncodingError",

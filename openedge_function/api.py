@@ -1,0 +1,315 @@
+"""The HTTP server (`server:` in application.yml): the invoke API, HTTP functions, /healthz,
+/metrics and /status. Served by waitress in threads of its own, apart from the MQTT path; a call
+waits in its server thread while the function's pool runs it like any message.
+
+    POST /invoke/<function>       body = event; response = result (JSON, bytes or 204)
+    ANY  /http/<function>/<path>  served by a `type: http` function (a WSGI application)
+    GET  /healthz                 200 when connected and every `min` instance is up, else 503
+    GET  /metrics                 Prometheus text format
+    GET  /status                  functions, instances and counters as JSON
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
+from urllib.parse import parse_qs, quote
+
+from runtime_python._pb import function_pb2 as pb
+from runtime_python.sdk import CHAIN_HEADER, DEADLINE_HEADER, REQUEST_ID_HEADER
+
+from .config import Function, Server
+from .errors import FunctionTimeout, HandlerError, InvocationError, ResultEncodingError
+from .pool import Invocation, Pool
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+_STATUS = {  # error type -> HTTP status
+    "UnknownFunction": 404, "MessageTooLarge": 413, "QueueFull": 429, "Unauthorized": 401,
+    "FunctionTimeout": 504, "InvokeTimeout": 504, "InvokeDeadlock": 508, "Unavailable": 503,
+    "MethodNotAllowed": 405, "NotAnEventFunction": 400, "NotAnHttpFunction": 400,
+}
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+               "trailers", "transfer-encoding", "upgrade"}
+_REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+            405: "Method Not Allowed", 413: "Payload Too Large", 429: "Too Many Requests",
+            500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout",
+            508: "Loop Detected"}
+_ERROR = pb.InvokeResponse.ERROR
+_NONE = pb.InvokeResponse.NONE
+_JSON = pb.InvokeResponse.JSON
+
+
+class _Refused(Exception):
+    """A call answered with an error before any function ran."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+
+
+class _Call:
+    """One HTTP request waiting for its invocation's outcome."""
+
+    __slots__ = ("event", "outcome")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.outcome: Any = None
+
+    def done(self, invocation: Invocation, outcome: Any) -> None:
+        self.outcome = outcome
+        self.event.set()
+
+    def abandon(self, invocation: Invocation) -> None:
+        self.outcome = _Refused("Unavailable", "the daemon is stopping")
+        self.event.set()
+
+
+def _status_line(code: int) -> str:
+    return f"{code} {_REASONS.get(code, '')}".rstrip()
+
+
+class Api:
+    """The WSGI application of the daemon's own server."""
+
+    def __init__(self, daemon: "Daemon", server: Server, metrics: Any) -> None:
+        self.daemon = daemon
+        self.server = server
+        self.metrics = metrics
+        self._bearer = f"Bearer {server.token}" if server.token else ""
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        method = environ["REQUEST_METHOD"]
+        if self._bearer and environ.get("HTTP_AUTHORIZATION", "") != self._bearer:
+            return self._error(start_response, "Unauthorized", "a bearer token is required "
+                               "(Authorization: Bearer <server.token>)", "")
+        if path.startswith("/invoke/"):
+            if method != "POST":
+                return self._error(start_response, "MethodNotAllowed", "use POST /invoke/<function>", "")
+            return self._invoke(environ, start_response, path[len("/invoke/"):])
+        if path.startswith("/http/"):
+            name, _, rest = path[len("/http/"):].partition("/")
+            return self._http(environ, start_response, name, "/" + rest)
+        if path == "/healthz":
+            ok, reasons = self.daemon.health()
+            body = json.dumps({"status": "ok" if ok else "unavailable", "reasons": reasons}).encode()
+            return self._reply(start_response, 200 if ok else 503, body, "application/json")
+        if path == "/metrics":
+            body, content_type = self.metrics.render()
+            return self._reply(start_response, 200, body, content_type)
+        if path == "/status":
+            body = json.dumps(self.daemon.status(), indent=2).encode()
+            return self._reply(start_response, 200, body, "application/json")
+        return self._error(start_response, "NotFound", f"no such endpoint: {method} {path}", "", 404)
+
+    # -- the invoke API ---------------------------------------------------------------------------
+
+    def _invoke(self, environ: Dict[str, Any], start_response: Callable, name: str) -> Iterable[bytes]:
+        def extra() -> Dict[str, Any]:
+            return {"content_type": environ["CONTENT_TYPE"]} if environ.get("CONTENT_TYPE") else {}
+
+        def answer(outcome: Any, request_id: str) -> Iterable[bytes]:
+            if outcome.kind == _NONE:
+                return self._reply(start_response, 204, b"", None, request_id)
+            content_type = "application/json" if outcome.kind == _JSON else "application/octet-stream"
+            return self._reply(start_response, 200, outcome.payload, content_type, request_id)
+
+        return self._serve(environ, start_response, name, "event", environ.get("QUERY_STRING", ""),
+                           extra, answer)
+
+    # -- HTTP functions ------------------------------------------------------------------------------
+
+    def _http(self, environ: Dict[str, Any], start_response: Callable, name: str,
+              path: str) -> Iterable[bytes]:
+        def extra() -> Dict[str, Any]:
+            query = environ.get("QUERY_STRING", "")
+            script = f"/http/{quote(name)}"
+            uri = script + quote(path) + (f"?{query}" if query else "")
+            headers = [pb.Header(name=key[5:].replace("_", "-").title(), value=value)
+                       for key, value in environ.items() if key.startswith("HTTP_")]
+            if environ.get("CONTENT_TYPE"):
+                headers.append(pb.Header(name="Content-Type", value=environ["CONTENT_TYPE"]))
+            http = pb.HttpRequest(
+                method=environ["REQUEST_METHOD"], script_name=script, path=path, query=query,
+                protocol=environ.get("SERVER_PROTOCOL", "HTTP/1.1"),
+                scheme=environ.get("wsgi.url_scheme", "http"),
+                server_name=str(environ.get("SERVER_NAME", "")),
+                server_port=str(environ.get("SERVER_PORT", "")),
+                remote_addr=str(environ.get("REMOTE_ADDR", "")), request_uri=uri, headers=headers)
+            return {"http": http, "content_type": environ.get("CONTENT_TYPE", "")}
+
+        def answer(outcome: Any, request_id: str) -> Iterable[bytes]:
+            reply = outcome.http
+            headers = [(h.name, h.value) for h in reply.headers if h.name.lower() not in _HOP_BY_HOP]
+            headers.append((REQUEST_ID_HEADER, request_id))
+            start_response(reply.status or "200 OK", headers)
+            return [reply.body]
+
+        return self._serve(environ, start_response, name, "http", "", extra, answer)
+
+    def _serve(self, environ: Dict[str, Any], start_response: Callable, name: str, kind: str, query: str,
+               extra: Callable[[], Dict[str, Any]],
+               answer: Callable[[Any, str], Iterable[bytes]]) -> Iterable[bytes]:
+        """Run a call to function `name`, which must be of `kind`; failures answer the envelope."""
+        request_id = str(uuid.uuid4())
+        try:
+            function, pool = self._function(name, query)
+            if function.type != kind:
+                raise (_Refused("NotAnEventFunction", f"function {name!r} is an HTTP function: send "
+                                f"requests to /http/{name}/") if kind == "event" else
+                       _Refused("NotAnHttpFunction", f"function {name!r} is not an HTTP function "
+                                f"(type: http): call it with POST /invoke/{name}"))
+            body = self._body(environ, function)
+            outcome = self._run(pool, function, request_id, body, extra(), environ)
+        except _Refused as refused:
+            return self._error(start_response, refused.error_type, refused.message, request_id, name=name)
+        if isinstance(outcome, InvocationError):
+            return self._failure(start_response, outcome, request_id, name)
+        if outcome.kind == _ERROR:
+            return self._failure(start_response, _handler_error(outcome), request_id, name)
+        return answer(outcome, request_id)
+
+    # -- shared ------------------------------------------------------------------------------------
+
+    def _function(self, name: str, query: str) -> Tuple[Function, Pool]:
+        pool = self.daemon.pools.get(name)
+        if pool is None:
+            raise _Refused("UnknownFunction", f"no function named {name!r}")
+        function = pool.function
+        params = parse_qs(query)
+        qualifier = params.get("qualifier", [""])[0]
+        namespace = params.get("namespace", [""])[0]
+        if qualifier and qualifier.lstrip("$") not in ("LATEST", function.version, function.alias):
+            raise _Refused("UnknownFunction", f"function {name!r} has no version or alias {qualifier!r}")
+        if namespace and namespace not in ("default", function.package):
+            raise _Refused("UnknownFunction", f"no function named {name!r} in namespace {namespace!r}")
+        return function, pool
+
+    @staticmethod
+    def _body(environ: Dict[str, Any], function: Function) -> bytes:
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        limit = function.instance.message_max
+        if length > limit:
+            raise _Refused("MessageTooLarge", f"the request body of {length} bytes is over the "
+                           f"limit of {limit} bytes (instance.message.length.max)")
+        return environ["wsgi.input"].read(length) if length else b""
+
+    def _run(self, pool: Pool, function: Function, request_id: str, body: bytes,
+             extra: Dict[str, Any], environ: Dict[str, Any]) -> Any:
+        """Hand the call to the pool and wait for its outcome."""
+        chain = [part for part in environ.get("HTTP_" + CHAIN_HEADER.upper().replace("-", "_"), "").split(",")
+                 if part]
+        if chain:
+            extra["call_chain"] = chain
+        wait: Optional[float] = None
+        deadline_ms = environ.get("HTTP_" + DEADLINE_HEADER.upper().replace("-", "_"))
+        if deadline_ms:
+            try:
+                wait = max(0.001, int(deadline_ms) / 1000)
+            except ValueError:
+                wait = None
+        call = _Call()
+        invocation = Invocation(request_id, "", 0, body, int(time.time() * 1000), 0, call.done, call.abandon)
+        invocation.extra = extra
+        refusal = pool.offer(invocation, callers=chain.count(function.name))
+        if refusal == "deadlock":
+            raise _Refused("InvokeDeadlock", f"function {function.name!r} was called by "
+                           f"{' -> '.join(chain)}, which hold all its {function.instance.max} instances "
+                           "(instance.max) while they wait for this call: it could never run")
+        if refusal == "full":
+            raise _Refused("QueueFull", f"function {function.name!r} has all {function.instance.max} "
+                           f"instances busy and {pool.queue_max} calls queued")
+        if refusal == "closed":
+            raise _Refused("Unavailable", f"function {function.name!r} is being replaced or stopped; retry")
+        if not call.event.wait(wait):
+            if pool.withdraw(invocation):
+                raise _Refused("InvokeTimeout", f"no instance of {function.name!r} became free within "
+                               f"the caller's {wait:g}s")
+            # It runs: the pool answers within the function's timeout.
+            call.event.wait()
+        if isinstance(call.outcome, _Refused):
+            raise call.outcome
+        return call.outcome
+
+    def _failure(self, start_response: Callable, error: InvocationError, request_id: str,
+                 name: str) -> Iterable[bytes]:
+        status = _STATUS.get(error.error_type, 500)
+        return self._error(start_response, error.error_type, error.message, request_id, status, name,
+                           error.stack_trace)
+
+    def _error(self, start_response: Callable, error_type: str, message: str, request_id: str,
+               status: Optional[int] = None, name: str = "",
+               stack_trace: Optional[List[str]] = None) -> Iterable[bytes]:
+        envelope = {"errorMessage": message, "errorType": error_type, "stackTrace": stack_trace or [],
+                    "requestId": request_id, "functionName": name}
+        body = json.dumps(envelope, ensure_ascii=False).encode("utf-8")
+        return self._reply(start_response, status or _STATUS.get(error_type, 500), body,
+                           "application/json", request_id)
+
+    @staticmethod
+    def _reply(start_response: Callable, status: int, body: bytes, content_type: Optional[str],
+               request_id: str = "") -> Iterable[bytes]:
+        headers = [("Content-Length", str(len(body)))]
+        if content_type:
+            headers.append(("Content-Type", content_type))
+        if request_id:
+            headers.append((REQUEST_ID_HEADER, request_id))
+        start_response(_status_line(status), headers)
+        return [body]
+
+
+def _handler_error(response: Any) -> InvocationError:
+    if response.error_type == "ResultEncodingError":
+        return ResultEncodingError(response.error_message)
+    if response.error_type == "FunctionTimeout":
+        return FunctionTimeout(response.error_message)
+    return HandlerError(response.error_type, response.error_message, response.stack_trace)
+
+
+class HttpServer:
+    """waitress serving `Api` in a thread of its own."""
+
+    def __init__(self, app: Api, server: Server) -> None:
+        from waitress.server import create_server
+        self.config = server
+        self._server = create_server(
+            app, host=server.host, port=server.port, threads=server.threads, ident="openedge-function",
+            max_request_body_size=server.body_max, expose_tracebacks=False, clear_untrusted_proxy_headers=True)
+        self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.effective_port)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop listening and drop open connections; the calls they wait on are settled already."""
+        server = self._server
+
+        def close_all() -> None:
+            for channel in list(server._map.values()):
+                channel.close()
+
+        try:
+            server.trigger.pull_trigger(close_all)
+        except OSError:
+            pass
+        self._thread.join(5)
+        server.task_dispatcher.shutdown(cancel_pending=True, timeout=2)
+

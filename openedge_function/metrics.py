@@ -1,0 +1,93 @@
+"""Prometheus metrics of the daemon, in a registry of its own.
+
+Per invocation the pool calls one observer (a counter and a histogram, both thread-safe); the
+rest (instances by state, queue depth, rule counters, connections, drops) is read from the
+daemon when /metrics is scraped, so it costs the message path nothing.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, Tuple
+
+from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_created_metrics,
+                               generate_latest)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+disable_created_metrics()   # no *_created series: scrapers only need the counts
+
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_STATES = ("starting", "idle", "busy", "stopping")
+
+
+class Metrics:
+    def __init__(self, daemon: "Daemon") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.invocations = Counter("openedge_function_invocations", "Invocations that ran, by outcome "
+                                   "(ok, none, or the error type)", ["function", "outcome"],
+                                   registry=self.registry)
+        self.duration = Histogram("openedge_function_duration_seconds", "Handler run time",
+                                  ["function"], buckets=_BUCKETS, registry=self.registry)
+        self.registry.register(_DaemonCollector(daemon))
+
+    def observer(self, function: str) -> Callable[[str, float], None]:
+        """What a pool calls after each invocation: (outcome, seconds)."""
+        histogram = self.duration.labels(function)
+        counters: Dict[str, Counter] = {}
+
+        def observe(outcome: str, seconds: float) -> None:
+            counter = counters.get(outcome)
+            if counter is None:
+                counter = counters[outcome] = self.invocations.labels(function, outcome)
+            counter.inc()
+            histogram.observe(seconds)
+        return observe
+
+    def render(self) -> Tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _DaemonCollector:
+    def __init__(self, daemon: "Daemon") -> None:
+        self.daemon = daemon
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator:
+        daemon = self.daemon
+        instances = GaugeMetricFamily("openedge_function_instances", "Instances by state",
+                                      labels=["function", "state"])
+        queued = GaugeMetricFamily("openedge_function_queue_depth", "Invocations waiting for an instance",
+                                   labels=["function"])
+        pool_dropped = CounterMetricFamily("openedge_function_pool_dropped_qos0",
+                                           "QoS 0 messages dropped at a full queue", labels=["function"])
+        for name, pool in list(daemon.pools.items()):
+            stats = pool.stats()
+            for state in _STATES:
+                instances.add_metric([name, state], stats["states"].get(state, 0))
+            queued.add_metric([name], stats["queued"])
+            pool_dropped.add_metric([name], stats["dropped"])
+        received = CounterMetricFamily("openedge_function_messages_in", "Messages received by rule",
+                                       labels=["rule"])
+        published = CounterMetricFamily("openedge_function_messages_out", "Outcomes published by rule "
+                                        "(results and error envelopes)", labels=["rule"])
+        failed = CounterMetricFamily("openedge_function_messages_failed", "Messages answered with an "
+                                     "error envelope, by rule", labels=["rule"])
+        dropped = CounterMetricFamily("openedge_function_dropped_qos0", "QoS 0 messages dropped, by rule",
+                                      labels=["rule"])
+        connected = GaugeMetricFamily("openedge_function_broker_connected", "1 when the connection to "
+                                      "the broker is up", labels=["connection"])
+        for runner in list(daemon.rules):
+            stats = runner.stats()
+            rule = runner.rule.name
+            received.add_metric([rule], stats["received"])
+            published.add_metric([rule], stats["published"])
+            failed.add_metric([rule], stats["failed"])
+            dropped.add_metric([rule], stats["dropped"])
+            connected.add_metric([f"rule {rule}"], 1 if runner.intake.connected.is_set() else 0)
+        if daemon.publisher is not None:
+            connected.add_metric(["publisher"], 1 if daemon.publisher.connected.is_set() else 0)
+        yield from (instances, queued, pool_dropped, received, published, failed, dropped, connected)

@@ -1,0 +1,192 @@
+"""The client for the daemon's invoke API (`POST /invoke/<function>`), in the shape of Tencent SCF's
+SDK: `Client(...).invoke('FuncInvoked', data={...})`, `client.FuncInvoked(data=...)`, and
+`InvokeError` with `code`, `message`, `request_id`, `response`, `stack_trace` and their getters.
+
+Standard library only, so it runs inside any instance; `openedge_function.sdk` is the same module
+under the daemon's name. Inside a function, `Client()` needs no arguments: the daemon puts its
+address and token in the instance's environment.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import threading
+from typing import Any, Dict, Optional, Sequence
+from urllib.parse import quote, urlencode
+
+ADDRESS_ENV = "OPENEDGE_FUNCTION_ADDRESS"
+TOKEN_ENV = "OPENEDGE_FUNCTION_TOKEN"
+DEFAULT_ADDRESS = "127.0.0.1:8080"
+REQUEST_ID_HEADER = "X-Request-Id"
+CHAIN_HEADER = "X-OpenEdge-Call-Chain"        # the functions waiting on this call, outermost first
+DEADLINE_HEADER = "X-OpenEdge-Timeout-Ms"     # how long the caller can still wait
+
+
+class InvokeError(Exception):
+    """A call that did not return a result: the function failed, or the call could not be made.
+    `code` is the error type (`FunctionTimeout`, `UnknownFunction`, ...), `status` the HTTP status
+    (0 when there was no answer), `response` the decoded error envelope."""
+
+    def __init__(self, code: str, message: str, request_id: str = "", response: Any = None,
+                 stack_trace: Optional[Sequence[str]] = None, status: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.response = response
+        self.stack_trace = list(stack_trace or [])
+        self.status = status
+
+    def get_code(self) -> str:
+        return self.code
+
+    def get_message(self) -> str:
+        return self.message
+
+    def get_request_id(self) -> str:
+        return self.request_id
+
+    def get_response(self) -> Any:
+        return self.response
+
+    def get_stack_trace(self) -> list:
+        return self.stack_trace
+
+    def __str__(self) -> str:
+        rid = f" (request {self.request_id})" if self.request_id else ""
+        return f"[{self.code}] {self.message}{rid}"
+
+
+# SCF's name for it, so handlers that catch it run unchanged.
+TencentServerlessSDKException = InvokeError
+
+
+class Client:
+    """Calls functions through the daemon's HTTP server over one keep-alive connection per thread.
+
+    `region`, `secret_id` and `secret_key` are accepted for SCF compatibility and ignored: the
+    daemon authenticates with its own token (`server.token`)."""
+
+    def __init__(self, address: Optional[str] = None, token: Optional[str] = None,
+                 timeout: Optional[float] = None, region: Optional[str] = None,
+                 secret_id: Optional[str] = None, secret_key: Optional[str] = None) -> None:
+        address = address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+        if "://" in address:
+            address = address.split("://", 1)[1]
+        self.address = address.rstrip("/")
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+        self.timeout = timeout
+        self._local = threading.local()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda data=None, qualifier=None, namespace=None: self.invoke(
+            name, data=data, qualifier=qualifier, namespace=namespace)
+
+    def invoke(self, function_name: str, data: Any = None, qualifier: Optional[str] = None,
+               namespace: Optional[str] = None, _chain: Sequence[str] = (),
+               _timeout: Optional[float] = None) -> Any:
+        """Run `function_name` on `data` and return its result: JSON decoded, bytes as they are,
+        None when it returned None. Raises InvokeError when it fails."""
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            body, content_type = bytes(data), "application/octet-stream"
+        else:
+            body, content_type = json.dumps(data).encode("utf-8"), "application/json"
+        query = {key: value for key, value in (("qualifier", qualifier), ("namespace", namespace))
+                 if value}
+        path = "/invoke/" + quote(function_name, safe="")
+        if query:
+            path += "?" + urlencode(query)
+        headers = {"Content-Type": content_type, "Accept": "application/json, application/octet-stream"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if _chain:
+            headers[CHAIN_HEADER] = ",".join(_chain)
+        timeout = _timeout if _timeout is not None else self.timeout
+        if _timeout is not None:
+            headers[DEADLINE_HEADER] = str(max(1, int(_timeout * 1000)))
+        status, reply_headers, payload = self._request(path, body, headers, timeout)
+        request_id = reply_headers.get(REQUEST_ID_HEADER.lower(), "")
+        kind = reply_headers.get("content-type", "")
+        if status == 204:
+            return None
+        if 200 <= status < 300:
+            if kind.startswith("application/json"):
+                return json.loads(payload)
+            return payload
+        try:
+            envelope = json.loads(payload)
+        except ValueError:
+            envelope = None
+        if not isinstance(envelope, dict):
+            raise InvokeError(f"HTTP{status}", payload.decode("utf-8", "replace")[:500] or f"HTTP {status}",
+                              request_id, payload, status=status)
+        raise InvokeError(str(envelope.get("errorType") or f"HTTP{status}"),
+                          str(envelope.get("errorMessage", "")),
+                          request_id or str(envelope.get("requestId", "")), envelope,
+                          envelope.get("stackTrace") or [], status)
+
+    def _request(self, path: str, body: bytes, headers: Dict[str, str],
+                 timeout: Optional[float]) -> "tuple[int, Dict[str, str], bytes]":
+        """POST over this thread's kept-alive connection; one reconnect if the server closed it."""
+        for attempt in (0, 1):
+            connection = getattr(self._local, "connection", None)
+            fresh = connection is None
+            if fresh:
+                connection = http.client.HTTPConnection(self.address, timeout=timeout)
+                self._local.connection = connection
+            else:
+                connection.timeout = timeout
+                if connection.sock is not None:
+                    connection.sock.settimeout(timeout)
+            try:
+                connection.request("POST", path, body=body, headers=headers)
+                response = connection.getresponse()
+                payload = response.read()
+                reply = {key.lower(): value for key, value in response.getheaders()}
+                if response.will_close:
+                    self.close()
+                return response.status, reply, payload
+            except socket.timeout:
+                self.close()
+                raise InvokeError("InvokeTimeout", f"no answer from {self.address} within {timeout:g}s "
+                                  f"calling {path}") from None
+            except (ConnectionError, http.client.HTTPException, OSError) as exc:
+                self.close()
+                # A kept-alive connection the server closed meanwhile: try once on a new one.
+                if fresh or attempt:
+                    raise InvokeError("ConnectionError", f"cannot reach the daemon at {self.address}: "
+                                      f"{exc}") from None
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        self._local.connection = None
+        if connection is not None:
+            connection.close()
+
+
+_default: Optional[Client] = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> Client:
+    """One client per process, for `invoke()` and `context.invoke`."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Client()
+        return _default
+
+
+def invoke(function_name: str, data: Any = None, qualifier: Optional[str] = None,
+           namespace: Optional[str] = None, **client_options: Any) -> Any:
+    """SCF's module-level call: `scf.invoke('FuncInvoked', data={...})`."""
+    client = Client(**client_options) if client_options else default_client()
+    return client.invoke(function_name, data=data, qualifier=qualifier, namespace=namespace)
+
+
+__all__ = ["Client", "InvokeError", "TencentServerlessSDKException", "invoke", "default_client"]
