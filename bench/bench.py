@@ -212,8 +212,11 @@ def cold_start(workdir: str, port: int, driver: Driver, tries: int) -> dict:
     return {"first_reply_ms": times, "median_ms": round(statistics.median(times), 1) if times else None}
 
 
-def relay_ceiling(port: int, driver: Driver, count: int, codedir: str) -> dict:
-    results = {}
+def relay_ceiling(port: int, driver: Driver, count: int, codedir: str, rates: List[float],
+                  duration: float) -> dict:
+    """Flat out, and latency at the fixed rates the daemon gets (up to 1000/s): the floor that
+    the MQTT hops alone set."""
+    results: dict = {}
     for qos in (0, 1):
         relay = subprocess.Popen([sys.executable, os.path.join(HERE, "relay.py"), "--port", str(port),
                                   "--qos", str(qos), "--codedir", codedir],
@@ -224,6 +227,12 @@ def relay_ceiling(port: int, driver: Driver, count: int, codedir: str) -> dict:
             driver.run(200, qos)   # warm up
             results[f"qos{qos}"] = driver.run(count, qos)
             say(f"  relay qos{qos}: {results[f'qos{qos}']['throughput']:.0f} msg/s")
+            for rate in (r for r in rates if r <= 1000):
+                run = driver.run(int(rate * duration), qos, rate=rate)
+                run.pop("_latencies", None)
+                results[f"latency qos{qos}@{int(rate)}"] = run
+                say(f"  relay qos{qos} at {rate:.0f}/s: p50 {run['latency_ms'].get('p50')} ms, "
+                    f"p99 {run['latency_ms'].get('p99')} ms")
         finally:
             relay.stdin.close()
             relay.wait(10)
@@ -261,7 +270,7 @@ def main() -> int:
     driver = Driver(host, port)
     try:
         say("ceiling: in-process relay")
-        results["relay"] = relay_ceiling(port, driver, args.count, codedir)
+        results["relay"] = relay_ceiling(port, driver, args.count, codedir, rates, args.duration)
 
         say(f"daemon: echo function, instance.max {args.max}, warm")
         daemon = DaemonUnderTest(workdir, port, args.max, args.max, "warm")
@@ -325,8 +334,11 @@ def table(results: dict) -> str:
                      f"{ours['throughput']:.0f} (lost {ours['lost']}) | {ours['fraction_of_relay']:.2f} |")
     for key, run in results["latency"].items():
         lat = run["latency_ms"]
-        lines.append(f"| latency {key}/s, ms p50 / p90 / p99 / max | | {lat.get('p50')} / {lat.get('p90')} / "
-                     f"{lat.get('p99')} / {lat.get('max')} (lost {run['lost']}) | |")
+        relay = results["relay"].get(f"latency {key}", {}).get("latency_ms", {})
+        relay_text = f"{relay.get('p50')} / {relay.get('p90')} / {relay.get('p99')} / {relay.get('max')}" \
+            if relay else ""
+        lines.append(f"| latency {key}/s, ms p50 / p90 / p99 / max | {relay_text} | {lat.get('p50')} / "
+                     f"{lat.get('p90')} / {lat.get('p99')} / {lat.get('max')} (lost {run['lost']}) | |")
     cold = results["cold_start"]
     lines.append(f"| cold start, first reply, ms (median of {len(cold['first_reply_ms'])}) | | {cold['median_ms']} | |")
     memory = results["memory"]
