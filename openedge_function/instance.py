@@ -55,6 +55,9 @@ def instance_environment(function: Function, instance_id: str) -> Dict[str, str]
         "LANG": os.environ.get("LANG", "C.UTF-8"),
         "HOME": os.environ.get("HOME", "/"),
         "PYTHONDONTWRITEBYTECODE": "1",
+        # gRPC's fork handlers would run in every subprocess a handler starts, with the server's
+        # threads busy; they can abort the child (seen on Python 3.9, which forks without vfork).
+        "GRPC_ENABLE_FORK_SUPPORT": "0",
     }
     if function.python:
         env["PYTHONPATH"] = _RUNTIME_ROOT

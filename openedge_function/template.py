@@ -213,4 +213,4 @@ def _template_environment() -> Dict[str, str]:
     from .instance import _BASE_PATH, _RUNTIME_ROOT
     return {"PATH": _BASE_PATH, "LANG": os.environ.get("LANG", "C.UTF-8"),
             "HOME": os.environ.get("HOME", "/"), "PYTHONPATH": _RUNTIME_ROOT,
-            "PYTHONDONTWRITEBYTECODE": "1"}
+            "PYTHONDONTWRITEBYTECODE": "1", "GRPC_ENABLE_FORK_SUPPORT": "0"}

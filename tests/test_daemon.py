@@ -113,7 +113,8 @@ def test_json_in_json_out_with_every_context_key_and_env(broker, daemon_factory,
     environ = result["environ"]
     assert "s3cret-broker-pw" not in json.dumps(environ)
     assert set(environ) <= {"PATH", "LANG", "HOME", "PYTHONDONTWRITEBYTECODE", "USER_ID",
-                            "OPENEDGE_FUNCTION_NAME", "OPENEDGE_FUNCTION_INSTANCE_ID", "LC_CTYPE"}
+                            "OPENEDGE_FUNCTION_NAME", "OPENEDGE_FUNCTION_INSTANCE_ID", "LC_CTYPE",
+                            "GRPC_ENABLE_FORK_SUPPORT"}
     assert result["pid"] in daemon.instance_pids()
 
 

@@ -21,6 +21,16 @@ def about(event, context):
             "hash_randomization": sys.flags.hash_randomization,
             "env": sorted(k for k in os.environ if k.startswith("PYTHON"))}
 
+def forks(event, context):
+    # Plain fork() (subprocess on Python 3.9 uses it too): gRPC's fork handlers must not run.
+    codes = []
+    for _ in range(event["n"]):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        codes.append(os.waitpid(pid, 0)[1])
+    return codes
+
 def orphan(event, context):
     # A shell that leaves a sleep behind and exits: the sleep is orphaned at once.
     out = subprocess.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True)
@@ -61,6 +71,19 @@ def test_a_start_only_variable_gets_a_fresh_interpreter(broker, daemon_factory, 
     assert result["hash_randomization"] == 0
     assert result["ppid"] == daemon.process.pid
     assert "runtime_python.template" not in psutil.Process(result["pid"]).cmdline()
+
+
+def test_a_handler_that_forks_leaves_grpc_alone(broker, daemon_factory, collector):
+    daemon = daemon_factory([function("forks", "tools.forks"),
+                             function("fresh", "tools.forks", env={"PYTHONHASHSEED": "1"})],
+                            [rule("r1", "in", "forks", "out"), rule("r2", "in2", "fresh", "out2")],
+                            files={"fn/tools.py": TOOLS})
+    publish(broker, "in", b'{"n": 20}')
+    publish(broker, "in2", b'{"n": 20}')
+    wait_until(lambda: collector.on("out") and collector.on("out2"), message="both answers")
+    for topic in ("out", "out2"):   # forked from the template, and a fresh interpreter
+        assert json.loads(collector.on(topic)[0].payload) == [0] * 20
+    assert "fork_posix" not in daemon.log() and "fork() handlers" not in daemon.log()
 
 
 def test_a_dead_template_is_started_again(broker, daemon_factory, collector):
