@@ -10,6 +10,7 @@ waits in its server thread while the function's pool runs it like any message.
 """
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import threading
@@ -91,7 +92,8 @@ class Api:
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         method = environ["REQUEST_METHOD"]
-        if self._bearer and environ.get("HTTP_AUTHORIZATION", "") != self._bearer:
+        if self._bearer and not hmac.compare_digest(environ.get("HTTP_AUTHORIZATION", "").encode(),
+                                                    self._bearer.encode()):
             return self._error(start_response, "Unauthorized", "a bearer token is required "
                                "(Authorization: Bearer <server.token>)", "")
         if path.startswith("/invoke/"):
