@@ -90,6 +90,17 @@ def environ():
             "script": e["SCRIPT_NAME"], "path": e["PATH_INFO"], "query": e["QUERY_STRING"],
             "protocol": e["SERVER_PROTOCOL"], "length": e["CONTENT_LENGTH"]}
 
+@app.route("/crash")
+def crash():
+    import os
+    os._exit(9)
+
+@app.route("/hog")
+def hog():
+    block = bytearray(300 << 20)
+    time.sleep(10)
+    return str(len(block))
+
 @app.route("/slow")
 def slow():
     time.sleep(30)
@@ -300,6 +311,7 @@ def web(daemon_factory):
         function("webapp", "index.handler", codedir="webapp", type="http"),
         function("web", "web.app", codedir="fn", type="http", instance={"timeout": "1s"}),
         function("plain", "web.plain", codedir="fn", type="http"),
+        function("hungry", "web.app", codedir="fn", type="http", instance={"memory": "100m"}),
     ], {"webapp/index.py": example, "fn/web.py": WEB})
 
 
@@ -345,6 +357,12 @@ def test_wsgi_environ_cookies_binary_bodies_and_failures(web):
     # Timeouts behave as for MQTT functions.
     status, _, body = request(port, "GET", "/http/web/slow")
     assert status == 504 and json.loads(body)["errorType"] == "FunctionTimeout"
+    status, _, body = request(port, "GET", "/http/web/crash")
+    assert status == 500 and json.loads(body)["errorType"] == "InstanceCrashed"
+    status, _, body = request(port, "GET", "/http/hungry/hog")
+    assert status == 500 and json.loads(body)["errorType"] == "MemoryLimitExceeded"
+    status, _, body = request(port, "GET", "/http/web/cookies")   # a fresh instance serves again
+    assert status == 200
     status, _, body = request(port, "GET", "/http/nowhere/")
     assert status == 404
     status, _, body = request(port, "POST", "/invoke/web", b"{}")
