@@ -21,20 +21,20 @@ import signal
 import tempfile
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
-from runtime_python.sdk import ADDRESS_ENV, TOKEN_ENV
-
-from .api import Api, HttpServer
 from .config import AppConfig, Hub, Rule, Server, load_config
 from .errors import ConfigError, ServerError
 from .hub import Publisher
 from .logs import setup_logging
-from .metrics import Metrics
 from .pool import Pool
 from .rules import RuleRunner
 from .template import Template, become_subreaper, reap_orphans
 from .watch import Watcher
+
+if TYPE_CHECKING:
+    from .api import HttpServer
+    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ class Daemon:
         self._watcher: Optional[Watcher] = None
         self._template: Optional[Template] = None
         self._reaped_at = 0.0
-        self.metrics: Optional[Metrics] = None
-        self.http: Optional[HttpServer] = None
+        self.metrics: Optional["Metrics"] = None
+        self.http: Optional["HttpServer"] = None
         self._runtime_env: Dict[str, str] = {}
         self.started_at = time.time()
 
@@ -134,6 +134,11 @@ class Daemon:
 
     def _serve(self, server: Server) -> None:
         """Bind the HTTP server (it serves once the pools exist) and tell instances where it is."""
+        # Imported only with a server: a daemon without one doesn't carry them.
+        from runtime_python.sdk import ADDRESS_ENV, TOKEN_ENV
+
+        from .api import Api, HttpServer
+        from .metrics import Metrics
         self.metrics = Metrics(self)
         try:
             self.http = HttpServer(Api(self, server, self.metrics), server)
