@@ -15,7 +15,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
 from urllib.parse import parse_qs, quote
 
@@ -24,7 +23,7 @@ from runtime_python.sdk import CHAIN_HEADER, DEADLINE_HEADER, REQUEST_ID_HEADER
 
 from .config import Function, Server
 from .errors import FunctionTimeout, HandlerError, InvocationError, ResultEncodingError
-from .pool import Invocation, Pool
+from .pool import Invocation, Pool, new_request_id
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -164,7 +163,7 @@ class Api:
                extra: Callable[[], Dict[str, Any]],
                answer: Callable[[Any, str], Iterable[bytes]]) -> Iterable[bytes]:
         """Run a call to function `name`, which must be of `kind`; failures answer the envelope."""
-        request_id = str(uuid.uuid4())
+        request_id = new_request_id()
         try:
             function, pool = self._function(name, query)
             if function.type != kind:

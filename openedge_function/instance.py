@@ -119,13 +119,14 @@ class Instance:
     def pid(self) -> Optional[int]:
         return self.process.pid if self.process else None
 
-    def invoke(self, requests: List[Any]) -> List[Any]:
-        """Run invocations, one after the other, over the instance's stream; their responses in
-        order. Raises grpc.RpcError when the stream breaks (the process died, or `cancel()`)."""
+    def invoke(self, batch: Any) -> Any:
+        """Run the invocations of an InvokeBatch, one after the other, over the instance's
+        stream; their responses in order. Raises grpc.RpcError when the stream breaks (the
+        process died, or `cancel()`)."""
         if self._responses is None:
             raise RuntimeError(f"instance {self.id} is not started")
-        self._requests.put(pb.InvokeBatch(requests=requests))
-        return list(next(self._responses).responses)
+        self._requests.put(batch)
+        return next(self._responses).responses
 
     def cancel(self) -> None:
         """End the stream: the invocation waiting on it raises at once."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import random
 import threading
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Union
@@ -38,6 +39,18 @@ _BACKOFF_FIRST, _BACKOFF_MAX = 1.0, 60.0
 # expected run time under a quarter of the timeout.
 _BATCH_MAX, _BATCH_BYTES = 16, 1 << 20
 _NONE: dict = {}
+
+
+_bits = random.Random().getrandbits   # seeded from os.urandom
+
+
+def new_request_id() -> str:
+    """A random (version 4) UUID, as str(uuid.uuid4()) gives, at a quarter of its cost: no
+    urandom call and no UUID object per message."""
+    n = _bits(128) & ~(0xc000 << 48) | (0x8000 << 48)   # the RFC 4122 variant
+    n = n & ~(0xf000 << 64) | (4 << 76)                  # version 4
+    h = "%032x" % n
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class Invocation:
@@ -341,13 +354,14 @@ class Pool:
         instance.deadline = started + self._timeout   # before BUSY: the watchdog reads both
         instance.request_id = batch[0].request_id
         instance.lifecycle.to(State.BUSY)
-        requests = [pb.InvokeRequest(
-            request_id=invocation.request_id, topic=invocation.topic, qos=invocation.qos,
-            payload=invocation.payload, timestamp_ms=invocation.timestamp_ms,
-            timeout_ms=self._timeout_ms, message_id=invocation.mid, **(invocation.extra or _NONE))
-            for invocation in batch]
+        message = pb.InvokeBatch()
+        add = message.requests.add   # built in place: a list of requests would be copied again
+        for invocation in batch:
+            add(request_id=invocation.request_id, topic=invocation.topic, qos=invocation.qos,
+                payload=invocation.payload, timestamp_ms=invocation.timestamp_ms,
+                timeout_ms=self._timeout_ms, message_id=invocation.mid, **(invocation.extra or _NONE))
         try:
-            responses = instance.invoke(requests)
+            responses = instance.invoke(message)
         except grpc.RpcError:
             self._failed(instance, batch, time.monotonic() - started)
             return False

@@ -21,7 +21,7 @@ from .config import Function, Hub, Rule
 from .errors import (FunctionLoadError, HandlerError, InstanceCrashed, InvocationError,
                      MessageTooLarge, Packet, ResultEncodingError, build_envelope)
 from .hub import Intake, Publisher
-from .pool import Invocation, Outcome, Pool
+from .pool import Invocation, Outcome, Pool, new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class RuleRunner:
         self.received += 1
         payload = message.payload
         qos = message.qos
-        invocation = Invocation(str(uuid.uuid4()), message.topic, qos, payload,
+        invocation = Invocation(new_request_id(), message.topic, qos, payload,
                                 int(time.time() * 1000), message.mid, self._done, self._abandon,
                                 (message.retain, message.dup, self.intake.generation))
         with self._lock:

@@ -56,7 +56,7 @@ def test_an_instance_serves_on_a_private_unix_socket(tmp_path, rundir, watcher):
         mode = os.stat(instance.socket_path).st_mode
         assert stat.S_ISSOCK(mode)
         assert stat.S_IMODE(os.stat(rundir).st_mode) == 0o700
-        [response] = instance.invoke([pb.InvokeRequest(request_id="r", payload=b'{"a": 1}')])
+        [response] = instance.invoke(pb.InvokeBatch(requests=[pb.InvokeRequest(request_id="r", payload=b'{"a": 1}')]))
         assert response.kind == pb.InvokeResponse.JSON
         assert json.loads(response.payload) == {"got": {"a": 1}}
     finally:
@@ -98,7 +98,7 @@ def test_packages_and_modules_beside_the_handler_import(tmp_path, rundir, watche
     function = Function(name="fn", handler="pkg.entry.handler", codedir=str(codedir))
     instance = start(function, rundir, watcher)
     try:
-        [response] = instance.invoke([pb.InvokeRequest(payload=b'{"n": 21}')])
+        [response] = instance.invoke(pb.InvokeBatch(requests=[pb.InvokeRequest(payload=b'{"n": 21}')]))
         assert response.payload == b"42"
     finally:
         instance.stop()

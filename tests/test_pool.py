@@ -240,3 +240,14 @@ def test_a_failed_batch_is_split_so_only_the_guilty_message_fails(harness, caplo
     for name in ("a", "b", "c"):
         assert not isinstance(outcomes[name], InvocationError), (name, outcomes[name])
     assert "failed during a batch of 4; running each alone" in caplog.text
+
+
+def test_request_ids_are_distinct_version_4_uuids():
+    import uuid
+
+    from openedge_function.pool import new_request_id
+    ids = [new_request_id() for _ in range(10000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids[:100]:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
