@@ -6,6 +6,7 @@ error envelopes are published back to the broker.
 from .config import AppConfig, load_config
 from .daemon import Daemon
 from .errors import ConfigError
+from .sdk import Client, InvokeError
 
 __version__ = "0.1.0"
-__all__ = ["AppConfig", "ConfigError", "Daemon", "load_config", "__version__"]
+__all__ = ["AppConfig", "Client", "ConfigError", "Daemon", "InvokeError", "load_config", "__version__"]
