@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 _PR_SET_CHILD_SUBREAPER = 36
 _REPLY_TIMEOUT = 30.0
+_REST = 60.0   # seconds without the template after it failed to fork an instance
 # Variables the interpreter reads only when it starts: a function that sets one needs a fresh one.
 _START_ONLY = ("PYTHONHOME", "PYTHONSTARTUP", "PYTHONOPTIMIZE", "PYTHONHASHSEED", "PYTHONNOUSERSITE",
                "PYTHONIOENCODING", "PYTHONUTF8", "PYTHONMALLOC", "PYTHONWARNINGS", "PYTHONSAFEPATH",
@@ -128,6 +129,7 @@ class Template:
         self._lock = threading.Lock()
         self._process: Optional[subprocess.Popen] = None
         self._control: Optional[socket.socket] = None
+        self._resting_until = 0.0
 
     @property
     def pid(self) -> Optional[int]:
@@ -170,11 +172,16 @@ class Template:
         template cannot (the caller starts the instance afresh instead)."""
         request = json.dumps({"argv": argv, "cwd": cwd, "env": env, "name": name}).encode("utf-8")
         with self._lock:
+            if time.monotonic() < self._resting_until:
+                raise OSError("the template failed moments ago")
             control = self._ensure()
             try:
                 socket.send_fds(control, [request], list(fds))
                 reply = self._reply(control)
             except OSError:
+                # A template that cannot serve (it fails at import, say) is not tried again for a
+                # while: each instance would pay its start-up and the log a warning.
+                self._resting_until = time.monotonic() + _REST
                 self._close()
                 raise
         if "pid" not in reply:
