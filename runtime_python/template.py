@@ -43,7 +43,7 @@ def _preload() -> None:
 
     import grpc  # noqa: F401
 
-    from runtime_python import sdk, server  # noqa: F401
+    from runtime_python import server  # noqa: F401
     from runtime_python._pb import function_pb2, function_pb2_grpc  # noqa: F401
 
 
