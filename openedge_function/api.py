@@ -15,14 +15,14 @@ import json
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Optional, Tuple
 from urllib.parse import parse_qs, quote
 
 from runtime_python._pb import function_pb2 as pb
 from runtime_python.sdk import CHAIN_HEADER, DEADLINE_HEADER, REQUEST_ID_HEADER
 
 from .config import Function, Server
-from .errors import FunctionTimeout, HandlerError, InvocationError, ResultEncodingError
+from .errors import InvocationError, build_envelope, error_of
 from .pool import Invocation, Pool, new_request_id
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 _STATUS = {  # error type -> HTTP status
     "UnknownFunction": 404, "MessageTooLarge": 413, "QueueFull": 429, "Unauthorized": 401,
     "FunctionTimeout": 504, "InvokeTimeout": 504, "InvokeDeadlock": 508, "Unavailable": 503,
-    "MethodNotAllowed": 405, "NotAnEventFunction": 400, "NotAnHttpFunction": 400,
+    "MethodNotAllowed": 405, "NotAnEventFunction": 400, "NotAnHttpFunction": 400, "NotFound": 404,
 }
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                "trailers", "transfer-encoding", "upgrade"}
@@ -41,18 +41,19 @@ _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized
             405: "Method Not Allowed", 413: "Payload Too Large", 429: "Too Many Requests",
             500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout",
             508: "Loop Detected"}
+_CHAIN_KEY = "HTTP_" + CHAIN_HEADER.upper().replace("-", "_")         # as the WSGI environ has them
+_DEADLINE_KEY = "HTTP_" + DEADLINE_HEADER.upper().replace("-", "_")
 _ERROR = pb.InvokeResponse.ERROR
 _NONE = pb.InvokeResponse.NONE
 _JSON = pb.InvokeResponse.JSON
 
 
-class _Refused(Exception):
-    """A call answered with an error before any function ran."""
+class _Refused(InvocationError):
+    """A call answered with an error before any function ran (or without one, at shutdown)."""
 
     def __init__(self, error_type: str, message: str) -> None:
         super().__init__(message)
         self.error_type = error_type
-        self.message = message
 
 
 class _Call:
@@ -93,11 +94,12 @@ class Api:
         method = environ["REQUEST_METHOD"]
         if self._bearer and not hmac.compare_digest(environ.get("HTTP_AUTHORIZATION", "").encode(),
                                                     self._bearer.encode()):
-            return self._error(start_response, "Unauthorized", "a bearer token is required "
-                               "(Authorization: Bearer <server.token>)", "")
+            return self._error(start_response, _Refused("Unauthorized", "a bearer token is required "
+                               "(Authorization: Bearer <server.token>)"), "")
         if path.startswith("/invoke/"):
             if method != "POST":
-                return self._error(start_response, "MethodNotAllowed", "use POST /invoke/<function>", "")
+                return self._error(start_response,
+                                   _Refused("MethodNotAllowed", "use POST /invoke/<function>"), "")
             return self._invoke(environ, start_response, path[len("/invoke/"):])
         if path.startswith("/http/"):
             name, _, rest = path[len("/http/"):].partition("/")
@@ -112,7 +114,8 @@ class Api:
         if path == "/status":
             body = json.dumps(self.daemon.status(), indent=2).encode()
             return self._reply(start_response, 200, body, "application/json")
-        return self._error(start_response, "NotFound", f"no such endpoint: {method} {path}", "", 404)
+        return self._error(start_response, _Refused("NotFound", f"no such endpoint: {method} {path}"),
+                           "")
 
     # -- the invoke API ---------------------------------------------------------------------------
 
@@ -174,11 +177,11 @@ class Api:
             body = self._body(environ, function)
             outcome = self._run(pool, function, request_id, body, extra(), environ)
         except _Refused as refused:
-            return self._error(start_response, refused.error_type, refused.message, request_id, name=name)
+            return self._error(start_response, refused, request_id, name)
         if isinstance(outcome, InvocationError):
-            return self._failure(start_response, outcome, request_id, name)
+            return self._error(start_response, outcome, request_id, name)
         if outcome.kind == _ERROR:
-            return self._failure(start_response, _handler_error(outcome), request_id, name)
+            return self._error(start_response, error_of(outcome), request_id, name)
         return answer(outcome, request_id)
 
     # -- shared ------------------------------------------------------------------------------------
@@ -212,12 +215,11 @@ class Api:
     def _run(self, pool: Pool, function: Function, request_id: str, body: bytes,
              extra: Dict[str, Any], environ: Dict[str, Any]) -> Any:
         """Hand the call to the pool and wait for its outcome."""
-        chain = [part for part in environ.get("HTTP_" + CHAIN_HEADER.upper().replace("-", "_"), "").split(",")
-                 if part]
+        chain = [part for part in environ.get(_CHAIN_KEY, "").split(",") if part]
         if chain:
             extra["call_chain"] = chain
         wait: Optional[float] = None
-        deadline_ms = environ.get("HTTP_" + DEADLINE_HEADER.upper().replace("-", "_"))
+        deadline_ms = environ.get(_DEADLINE_KEY)
         if deadline_ms:
             try:
                 wait = max(0.001, int(deadline_ms) / 1000)
@@ -242,24 +244,13 @@ class Api:
                                f"the caller's {wait:g}s")
             # It runs: the pool answers within the function's timeout.
             call.event.wait()
-        if isinstance(call.outcome, _Refused):
-            raise call.outcome
         return call.outcome
 
-    def _failure(self, start_response: Callable, error: InvocationError, request_id: str,
-                 name: str) -> Iterable[bytes]:
-        status = _STATUS.get(error.error_type, 500)
-        return self._error(start_response, error.error_type, error.message, request_id, status, name,
-                           error.stack_trace)
-
-    def _error(self, start_response: Callable, error_type: str, message: str, request_id: str,
-               status: Optional[int] = None, name: str = "",
-               stack_trace: Optional[List[str]] = None) -> Iterable[bytes]:
-        envelope = {"errorMessage": message, "errorType": error_type, "stackTrace": stack_trace or [],
-                    "requestId": request_id, "functionName": name}
-        body = json.dumps(envelope, ensure_ascii=False).encode("utf-8")
-        return self._reply(start_response, status or _STATUS.get(error_type, 500), body,
-                           "application/json", request_id)
+    def _error(self, start_response: Callable, error: InvocationError, request_id: str,
+               name: str = "") -> Iterable[bytes]:
+        """The error envelope (the MQTT one without `packet`), with the status that fits."""
+        return self._reply(start_response, _STATUS.get(error.error_type, 500),
+                           build_envelope(error, request_id, name, None), "application/json", request_id)
 
     @staticmethod
     def _reply(start_response: Callable, status: int, body: bytes, content_type: Optional[str],
@@ -271,14 +262,6 @@ class Api:
             headers.append((REQUEST_ID_HEADER, request_id))
         start_response(_status_line(status), headers)
         return [body]
-
-
-def _handler_error(response: Any) -> InvocationError:
-    if response.error_type == "ResultEncodingError":
-        return ResultEncodingError(response.error_message)
-    if response.error_type == "FunctionTimeout":
-        return FunctionTimeout(response.error_message)
-    return HandlerError(response.error_type, response.error_message, response.stack_trace)
 
 
 class HttpServer:

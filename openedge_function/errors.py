@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 __all__ = [
     "OpenEdgeFunctionError", "ConfigError", "ServerError", "InvocationError", "HandlerError",
     "ResultEncodingError", "FunctionTimeout", "MemoryLimitExceeded", "InstanceCrashed",
-    "FunctionLoadError", "MessageTooLarge", "Packet", "build_envelope",
+    "FunctionLoadError", "MessageTooLarge", "Packet", "build_envelope", "error_of",
 ]
 
 
@@ -84,6 +84,13 @@ class FunctionLoadError(InvocationError):
 
 class MessageTooLarge(InvocationError):
     error_type = "MessageTooLarge"
+
+
+def error_of(response: Any) -> InvocationError:
+    """The error an instance's ERROR response (error_type, error_message, stack_trace) stands for."""
+    if response.error_type == ResultEncodingError.error_type:
+        return ResultEncodingError(response.error_message)
+    return HandlerError(response.error_type, response.error_message, response.stack_trace)
 
 
 class Packet:

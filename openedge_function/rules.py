@@ -19,7 +19,7 @@ import paho.mqtt.client as mqtt
 
 from .config import Function, Hub, Rule
 from .errors import (FunctionLoadError, HandlerError, InstanceCrashed, InvocationError,
-                     MessageTooLarge, Packet, ResultEncodingError, build_envelope)
+                     MessageTooLarge, Packet, build_envelope, error_of)
 from .hub import Intake, Publisher
 from .pool import Invocation, Outcome, Pool, new_request_id
 
@@ -131,11 +131,7 @@ class RuleRunner:
             return
         kind = outcome.kind
         if kind == _ERROR:
-            if outcome.error_type == "ResultEncodingError":
-                error: InvocationError = ResultEncodingError(outcome.error_message)
-            else:
-                error = HandlerError(outcome.error_type, outcome.error_message, outcome.stack_trace)
-            self._fail(invocation, error)
+            self._fail(invocation, error_of(outcome))
             return
         publish = self._publish
         if kind == _NONE or publish is None:
