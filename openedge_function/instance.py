@@ -47,10 +47,10 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-def instance_environment(function: Function, instance_id: str) -> Dict[str, str]:
-    """The function's env over a minimal base; the daemon's own environment (and so the broker
-    credentials) never reaches an instance."""
-    env = {
+def base_environment() -> Dict[str, str]:
+    """What every runtime process starts with (instances, and the template they fork from);
+    nothing of the daemon's own environment, and so not the broker credentials."""
+    return {
         "PATH": _BASE_PATH,
         "LANG": os.environ.get("LANG", "C.UTF-8"),
         "HOME": os.environ.get("HOME", "/"),
@@ -59,6 +59,11 @@ def instance_environment(function: Function, instance_id: str) -> Dict[str, str]
         # threads busy; they can abort the child (seen on Python 3.9, which forks without vfork).
         "GRPC_ENABLE_FORK_SUPPORT": "0",
     }
+
+
+def instance_environment(function: Function, instance_id: str) -> Dict[str, str]:
+    """The function's env over the base; the daemon's own environment never reaches an instance."""
+    env = base_environment()
     if function.python:
         env["PYTHONPATH"] = _RUNTIME_ROOT
     env.update(function.env)

@@ -216,8 +216,6 @@ class Template:
 
 
 def _template_environment() -> Dict[str, str]:
-    """The template's own environment holds nothing of the daemon's (each instance gets its own)."""
-    from .instance import _BASE_PATH, _RUNTIME_ROOT
-    return {"PATH": _BASE_PATH, "LANG": os.environ.get("LANG", "C.UTF-8"),
-            "HOME": os.environ.get("HOME", "/"), "PYTHONPATH": _RUNTIME_ROOT,
-            "PYTHONDONTWRITEBYTECODE": "1", "GRPC_ENABLE_FORK_SUPPORT": "0"}
+    """The instances' base (each fork then takes its own); the runtime found through PYTHONPATH."""
+    from .instance import _RUNTIME_ROOT, base_environment
+    return {**base_environment(), "PYTHONPATH": _RUNTIME_ROOT}
