@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Sequence, Set
 
 import psutil
 
+from runtime_python.server import prctl
+
 from .config import Function
 from .lifecycle import describe_exit
 
@@ -70,14 +72,7 @@ def reap_orphans() -> int:
 
 
 def become_subreaper() -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except Exception:
-        return False
+    return prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
 def forkable(function: Function) -> bool:

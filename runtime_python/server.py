@@ -29,7 +29,7 @@ from runtime_python.loader import LoadError, load, user_frames
 from runtime_python.output import Budget, LineWriter
 
 EXIT_LOAD_ERROR = 4
-_PR_SET_PDEATHSIG = 1
+PR_SET_PDEATHSIG = 1
 # Signals whose default action dumps core. Sent to the whole process (`os.kill(os.getpid(), ...)`)
 # Linux gives one to the main thread and lets the sender run on, so a handler could still answer
 # before the process dies. Blocked everywhere but in the thread running the handler, they always
@@ -87,7 +87,7 @@ class Runtime:
                 result = self.handler(event, context)
         except SystemExit as exc:
             # A handler that exits ends its instance, as a process exit would.
-            _flush()
+            flush_output()
             os._exit(exc.code if isinstance(exc.code, int) else 1)
         except BaseException as exc:
             response = pb.InvokeResponse(kind=pb.InvokeResponse.ERROR, error_type=type(exc).__name__,
@@ -106,13 +106,13 @@ class Runtime:
                                              error_message=f"the result cannot be encoded: {exc}")
         finally:
             signal.pthread_sigmask(signal.SIG_BLOCK, _FATAL)
-        _flush()
+        flush_output()
         response.duration_us = int((time.monotonic() - started) * 1e6)
         response.max_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return response
 
 
-def _flush() -> None:
+def flush_output() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -120,15 +120,20 @@ def _flush() -> None:
             pass
 
 
+def prctl(option: int, value: Any) -> bool:
+    """Linux prctl(2) with one argument; False where it fails or does not exist."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
+    except Exception:
+        return False
+
+
 def watch_parent(status: Optional[socket.socket], parent_pid: Optional[int]) -> None:
     """Die with the supervisor: PR_SET_PDEATHSIG, and end-of-file on the status socket."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except Exception:
-            pass
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if parent_pid is not None and os.getppid() != parent_pid:
         os._exit(1)   # the supervisor died before the signal was armed
     if status is None:
@@ -203,12 +208,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 user_frames(exc, codedir)) from None
             finally:
                 signal.pthread_sigmask(signal.SIG_BLOCK, _FATAL)
-                _flush()
+                flush_output()
     except LoadError as exc:
         if status is None:
             sys.__stderr__.write(exc.message + "\n")
         report(status, {"load_error": {"message": exc.message, "stackTrace": exc.stack_trace}})
-        _flush()
+        flush_output()
         return EXIT_LOAD_ERROR
 
     server = serve(Runtime(args, spec, handler, budget), args.socket)
@@ -225,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         pass
     # Let a call in progress finish; the supervisor escalates to SIGKILL if it takes too long.
     server.stop(grace=None).wait()
-    _flush()
+    flush_output()
     return 0
 
 

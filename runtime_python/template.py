@@ -21,18 +21,12 @@ import socket
 import sys
 from typing import Any, Dict, List, Optional
 
-_PR_SET_PDEATHSIG = 1
+from runtime_python import server
+from runtime_python.server import PR_SET_PDEATHSIG, flush_output, prctl
+
 _PR_SET_NAME = 15
 _MAX_FDS = 3
 NAME = "oef-template"   # its process name (comm); each fork renames itself after its instance
-
-
-def _prctl(option: int, value: Any) -> None:
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
-    except Exception:
-        pass
 
 
 def _preload() -> None:
@@ -43,7 +37,6 @@ def _preload() -> None:
 
     import grpc  # noqa: F401
 
-    from runtime_python import server  # noqa: F401
     from runtime_python._pb import function_pb2, function_pb2_grpc  # noqa: F401
 
 
@@ -72,7 +65,6 @@ def _become_instance(request: Dict[str, Any], fds: List[int], control: socket.so
         # The status socket keeps its number: argv names it.
         argv[argv.index("--status-fd") + 1] = str(status_fd)
         sys.argv = ["runtime_python"] + argv
-        from runtime_python import server
         code = server.main(argv)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -80,11 +72,7 @@ def _become_instance(request: Dict[str, Any], fds: List[int], control: socket.so
         import traceback
         traceback.print_exc()
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
+        flush_output()
         os._exit(code)
 
 
@@ -96,7 +84,7 @@ def _fork_instance(request: Dict[str, Any], fds: List[int], control: socket.sock
         try:
             os.close(r)
             # Named before the fork, so the instance carries its name from its first moment.
-            _prctl(_PR_SET_NAME, str(request.get("name", ""))[:15].encode("utf-8") or NAME.encode())
+            prctl(_PR_SET_NAME, str(request.get("name", ""))[:15].encode("utf-8") or NAME.encode())
             pid = os.fork()
             if pid == 0:
                 os.close(w)
@@ -154,8 +142,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     # Terminal signals are for the supervisor; the template ends with its control socket.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    _prctl(_PR_SET_NAME, NAME.encode())
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    prctl(_PR_SET_NAME, NAME.encode())
     if os.getppid() != args.parent_pid:
         return 1
     control = socket.socket(fileno=args.control_fd)
