@@ -90,20 +90,11 @@ def client_main(argv: List[str]) -> int:
 
 
 def _status(client: Client) -> int:
-    import http.client
-    connection = http.client.HTTPConnection(client.address, timeout=10)
-    headers = {"Authorization": f"Bearer {client.token}"} if client.token else {}
     try:
-        connection.request("GET", "/status", headers=headers)
-        response = connection.getresponse()
-        body = response.read()
-    except OSError as exc:
-        print(f"openedge-function: cannot reach the daemon at {client.address}: {exc}", file=sys.stderr)
+        status = client.status()
+    except InvokeError as exc:
+        print(f"openedge-function: {exc}", file=sys.stderr)
         return 1
-    if response.status != 200:
-        print(f"openedge-function: {response.status} {body.decode('utf-8', 'replace')}", file=sys.stderr)
-        return 1
-    status = json.loads(body)
     print(f"daemon pid {status['pid']}, up {status['uptime_s']}s, broker {status['broker']['address']} "
           f"({'connected' if status['broker']['connected'] else 'NOT connected'}), "
           f"{'healthy' if status['healthy'] else 'UNHEALTHY: ' + '; '.join(status['reasons'])}")

@@ -101,37 +101,33 @@ class Client:
         if query:
             path += "?" + urlencode(query)
         headers = {"Content-Type": content_type, "Accept": "application/json, application/octet-stream"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
         if _chain:
             headers[CHAIN_HEADER] = ",".join(_chain)
         timeout = _timeout if _timeout is not None else self.timeout
         if _timeout is not None:
             headers[DEADLINE_HEADER] = str(max(1, int(_timeout * 1000)))
-        status, reply_headers, payload = self._request(path, body, headers, timeout)
-        request_id = reply_headers.get(REQUEST_ID_HEADER.lower(), "")
-        kind = reply_headers.get("content-type", "")
+        status, reply_headers, payload = self._request("POST", path, body, headers, timeout)
         if status == 204:
             return None
         if 200 <= status < 300:
-            if kind.startswith("application/json"):
+            if reply_headers.get("content-type", "").startswith("application/json"):
                 return json.loads(payload)
             return payload
-        try:
-            envelope = json.loads(payload)
-        except ValueError:
-            envelope = None
-        if not isinstance(envelope, dict):
-            raise InvokeError(f"HTTP{status}", payload.decode("utf-8", "replace")[:500] or f"HTTP {status}",
-                              request_id, payload, status=status)
-        raise InvokeError(str(envelope.get("errorType") or f"HTTP{status}"),
-                          str(envelope.get("errorMessage", "")),
-                          request_id or str(envelope.get("requestId", "")), envelope,
-                          envelope.get("stackTrace") or [], status)
+        raise _error(status, reply_headers, payload)
 
-    def _request(self, path: str, body: bytes, headers: Dict[str, str],
+    def status(self, timeout: Optional[float] = 10.0) -> Dict[str, Any]:
+        """The daemon's functions, instances and counters (`GET /status`)."""
+        status, reply_headers, payload = self._request("GET", "/status", b"", {}, timeout)
+        if status != 200:
+            raise _error(status, reply_headers, payload)
+        return json.loads(payload)
+
+    def _request(self, method: str, path: str, body: bytes, headers: Dict[str, str],
                  timeout: Optional[float]) -> "tuple[int, Dict[str, str], bytes]":
-        """POST over this thread's kept-alive connection; one reconnect if the server closed it."""
+        """One request over this thread's kept-alive connection, with the token; one reconnect if
+        the server closed the connection meanwhile."""
+        if self.token:
+            headers = {**headers, "Authorization": f"Bearer {self.token}"}
         for attempt in (0, 1):
             connection = getattr(self._local, "connection", None)
             fresh = connection is None
@@ -143,7 +139,7 @@ class Client:
                 if connection.sock is not None:
                     connection.sock.settimeout(timeout)
             try:
-                connection.request("POST", path, body=body, headers=headers)
+                connection.request(method, path, body=body, headers=headers)
                 response = connection.getresponse()
                 payload = response.read()
                 reply = {key.lower(): value for key, value in response.getheaders()}
@@ -167,6 +163,21 @@ class Client:
         self._local.connection = None
         if connection is not None:
             connection.close()
+
+
+def _error(status: int, headers: Dict[str, str], payload: bytes) -> InvokeError:
+    """What an answer other than 2xx says: the error envelope's fields, or the body as it is."""
+    request_id = headers.get(REQUEST_ID_HEADER.lower(), "")
+    try:
+        envelope = json.loads(payload)
+    except ValueError:
+        envelope = None
+    if not isinstance(envelope, dict):
+        return InvokeError(f"HTTP{status}", payload.decode("utf-8", "replace")[:500] or f"HTTP {status}",
+                           request_id, payload, status=status)
+    return InvokeError(str(envelope.get("errorType") or f"HTTP{status}"), str(envelope.get("errorMessage", "")),
+                       request_id or str(envelope.get("requestId", "")), envelope,
+                       envelope.get("stackTrace") or [], status)
 
 
 _default: Optional[Client] = None

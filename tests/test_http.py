@@ -234,6 +234,10 @@ def test_the_token_is_required_checked_and_given_to_functions(daemon_factory):
     with pytest.raises(InvokeError) as caught:
         Client(address=f"127.0.0.1:{port}").invoke("about")
     assert caught.value.status == 401
+    assert client.status()["functions"]["about"]["type"] == "event"
+    with pytest.raises(InvokeError) as caught:
+        Client(address=f"127.0.0.1:{port}").status()
+    assert caught.value.code == "Unauthorized" and caught.value.status == 401
 
 
 def test_a_server_beyond_loopback_needs_a_token(tmp_path):
