@@ -3,35 +3,19 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 
 from tests.helpers import alive, function, publish, rule, wait_until
 
 
-# OpenEdge's documentation (000): the sayhi handler, as published.
-OPENEDGE_SAYHI = '''#!/usr/bin/env python
-#-*- coding:utf-8 -*-
-"""
-module to say hi
-"""
-
-def handler(event, context):
-    """
-    function handler
-    """
-    event['functionName'] = context['functionName']
-    event['functionInvokeID'] = context['functionInvokeID']
-    event['functionInstanceID'] = context['functionInstanceID']
-    event['messageQOS'] = context['messageQOS']
-    event['messageTopic'] = context['messageTopic']
-    event['sayhi'] = '你好，世界！'
-    return event
-'''
+# OpenEdge's documentation (000): the sayhi handler, as published, is the shipped example's.
+EXAMPLE_SAYHI = Path(__file__).resolve().parent.parent / "example" / "functions" / "sayhi" / "sayhi.py"
 
 
 def test_openedge_sayhi(broker, daemon_factory, collector):
     daemon_factory([function("sayhi", "sayhi.handler")], [rule("r1", "t", "sayhi", "t/hi")],
-                   files={"fn/sayhi.py": OPENEDGE_SAYHI})
+                   files={"fn/sayhi.py": EXAMPLE_SAYHI.read_text(encoding="utf-8")})
     publish(broker, "t", b'{"id": 1, "device": "111"}')
     out = json.loads(wait_until(lambda: collector.on("t/hi"), message="the answer")[0].payload)
     assert out["id"] == 1 and out["sayhi"] == "你好，世界！" and out["functionName"] == "sayhi"
