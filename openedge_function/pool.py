@@ -121,32 +121,17 @@ class Pool:
         (QoS 0) invocation is dropped and any other one waits for room: the caller is the
         broker connection's thread, so intake pauses and QoS 1 messages stay at the broker.
         False when the invocation was not taken (dropped, or the pool is closed)."""
-        failure = None
-        with self._lock:
-            if self._closed:
-                return False
-            if self._idle:
-                self._idle.pop().assign(invocation)
-                return True
-            if self._failing() and not self._workers:
-                failure = self._failure
-            else:
-                if len(self._queue) >= self.queue_max:
-                    if droppable:
-                        self.dropped += 1
-                        return False
-                    self._hold()
-                    if self._closed:
-                        return False
-                self._enqueue(invocation)
-        if failure is not None:
-            invocation.done(invocation, failure)
-        return True
+        return self._take(invocation, "drop" if droppable else "hold") is None
 
     def offer(self, invocation: Invocation, callers: int = 0) -> Optional[str]:
         """Take a direct call (HTTP) without blocking: None when taken, else why not: `closed`,
         `full` (no idle instance and a full queue), or `deadlock` when the `callers` instances
         of this function that wait on this very call (context.invoke) are all it can have."""
+        return self._take(invocation, "refuse", callers)
+
+    def _take(self, invocation: Invocation, when_full: str, callers: int = 0) -> Optional[str]:
+        """Assign, queue or refuse `invocation`; None when taken, else `closed`, `full` or
+        `deadlock`. A full queue drops it (counted), refuses it, or holds the caller for room."""
         failure = None
         with self._lock:
             if self._closed:
@@ -158,9 +143,15 @@ class Pool:
                 return "deadlock"
             if self._failing() and not self._workers:
                 failure = self._failure
-            elif len(self._queue) >= self.queue_max:
-                return "full"
             else:
+                if len(self._queue) >= self.queue_max:
+                    if when_full != "hold":
+                        if when_full == "drop":
+                            self.dropped += 1
+                        return "full"
+                    self._hold()
+                    if self._closed:
+                        return "closed"
                 self._enqueue(invocation)
         if failure is not None:
             invocation.done(invocation, failure)
