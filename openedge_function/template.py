@@ -50,13 +50,12 @@ def disown(pid: int) -> None:
         _owned.discard(pid)
 
 
-def reap_orphans() -> int:
+def reap_orphans() -> None:
     """Reap exited children nobody waits for (what instances' subprocesses left behind)."""
-    reaped = 0
     try:
         children = psutil.Process().children()
     except psutil.Error:
-        return 0
+        return
     for child in children:
         with _owned_lock:
             if child.pid in _owned:
@@ -64,11 +63,9 @@ def reap_orphans() -> int:
         try:
             if child.status() != psutil.STATUS_ZOMBIE:
                 continue
-            if os.waitpid(child.pid, os.WNOHANG)[0]:
-                reaped += 1
+            os.waitpid(child.pid, os.WNOHANG)
         except (psutil.Error, ChildProcessError):
             pass
-    return reaped
 
 
 def become_subreaper() -> bool:
@@ -125,10 +122,6 @@ class Template:
         self._process: Optional[subprocess.Popen] = None
         self._control: Optional[socket.socket] = None
         self._resting_until = 0.0
-
-    @property
-    def pid(self) -> Optional[int]:
-        return self._process.pid if self._process else None
 
     def start(self) -> None:
         """Start the template now rather than on the first spawn (it imports for ~0.1 s)."""
