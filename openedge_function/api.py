@@ -83,7 +83,6 @@ class Api:
 
     def __init__(self, daemon: "Daemon", server: Server, metrics: Any) -> None:
         self.daemon = daemon
-        self.server = server
         self.metrics = metrics
         self._bearer = f"Bearer {server.token}" if server.token else ""
 
@@ -269,7 +268,6 @@ class HttpServer:
 
     def __init__(self, app: Api, server: Server) -> None:
         from waitress.server import create_server
-        self.config = server
         self._server = create_server(
             app, host=server.host, port=server.port, threads=server.threads, ident="openedge-function",
             max_request_body_size=server.body_max, expose_tracebacks=False, clear_untrusted_proxy_headers=True)
