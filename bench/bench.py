@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import paho.mqtt.client as mqtt
 import psutil
@@ -87,8 +87,11 @@ class Driver:
             self.latencies.append(now - reply["ts"])
             self.last_reply = now
 
-    def run(self, count: int, qos: int, rate: Optional[float] = None, settle: float = 5.0) -> dict:
-        """Send `count` messages (flat out, or at `rate` per second); wait for the replies."""
+    def run(self, count: int, qos: int, rate: Optional[float] = None, settle: float = 5.0,
+            cpu: Optional[Callable[[], Dict[str, float]]] = None) -> dict:
+        """Send `count` messages (flat out, or at `rate` per second); wait for the replies. With
+        `cpu` (seconds of CPU by process role), also the CPU milliseconds per message of each."""
+        cpu_before = cpu() if cpu else {}
         with self._lock:
             self.run_id += 1
             self.received = {}
@@ -115,11 +118,17 @@ class Driver:
             total = sum(self.received.values())
             latencies = sorted(self.latencies)
             elapsed = max(self.last_reply - start, 1e-9)
+        cpu_ms = {}
+        if cpu is not None:
+            cpu_after = cpu()
+            cpu_ms = {role: round((cpu_after[role] - cpu_before.get(role, 0.0)) * 1000 / max(unique, 1), 3)
+                      for role in cpu_after}
         return {
             "qos": qos, "sent": count, "received": total, "lost": count - unique,
             "duplicated": total - unique, "rate": rate, "send_seconds": round(sent_in, 3),
             "throughput": round(unique / elapsed, 1),
             "latency_ms": percentiles(latencies), "_latencies": latencies,
+            "cpu_ms_per_message": cpu_ms,
         }
 
     def close(self) -> None:
@@ -172,6 +181,18 @@ class DaemonUnderTest:
         except psutil.Error:
             return []
 
+    def cpu(self) -> Dict[str, float]:
+        """CPU seconds (user + system, from /proc) of the supervisor and of its instances together."""
+        supervisor = psutil.Process(self.process.pid).cpu_times()
+        instances = 0.0
+        for process in self.instances():
+            try:
+                times = process.cpu_times()
+                instances += times.user + times.system
+            except psutil.Error:
+                pass
+        return {"supervisor": supervisor.user + supervisor.system, "instances": instances}
+
     def memory(self) -> dict:
         """Resident memory (RSS) of each process; for instances also PSS, their share of the
         pages they hold with the template and each other, and USS, the pages only they hold."""
@@ -222,13 +243,19 @@ def relay_ceiling(port: int, driver: Driver, count: int, codedir: str, rates: Li
                                   "--qos", str(qos), "--codedir", codedir],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT,
                                  env={**os.environ, "PYTHONPATH": ROOT})
+        process = psutil.Process(relay.pid)
+
+        def cpu() -> Dict[str, float]:
+            times = process.cpu_times()
+            return {"relay": times.user + times.system}
+
         try:
             relay.stdout.readline()
             driver.run(200, qos)   # warm up
-            results[f"qos{qos}"] = driver.run(count, qos)
+            results[f"qos{qos}"] = driver.run(count, qos, cpu=cpu)
             say(f"  relay qos{qos}: {results[f'qos{qos}']['throughput']:.0f} msg/s")
             for rate in (r for r in rates if r <= 1000):
-                run = driver.run(int(rate * duration), qos, rate=rate)
+                run = driver.run(int(rate * duration), qos, rate=rate, cpu=cpu)
                 run.pop("_latencies", None)
                 results[f"latency qos{qos}@{int(rate)}"] = run
                 say(f"  relay qos{qos} at {rate:.0f}/s: p50 {run['latency_ms'].get('p50')} ms, "
@@ -239,12 +266,54 @@ def relay_ceiling(port: int, driver: Driver, count: int, codedir: str, rates: Li
     return results
 
 
+def measure(workdir: str, port: int, driver: Driver, codedir: str, args: argparse.Namespace,
+            rates: List[float], tag: str) -> dict:
+    """One run: the relay's ceiling, then the warm daemon flat out and at the fixed rates."""
+    results: dict = {}
+    say("ceiling: in-process relay")
+    results["relay"] = relay_ceiling(port, driver, args.count, codedir, rates, args.duration)
+
+    say(f"daemon: echo function, instance.max {args.max}, warm")
+    daemon = DaemonUnderTest(workdir, port, args.max, args.max, f"warm{tag}")
+    daemon.start(warm=args.max)
+    try:
+        driver.run(500, 1)   # warm up
+        results["daemon"] = {}
+        for qos in (0, 1):
+            run = driver.run(args.count, qos, cpu=daemon.cpu)
+            run["fraction_of_relay"] = round(run["throughput"] / results["relay"][f"qos{qos}"]["throughput"], 3)
+            results["daemon"][f"qos{qos}"] = run
+            say(f"  flat out qos{qos}: {run['throughput']:.0f} msg/s ({run['fraction_of_relay']:.2f} of the "
+                f"relay), delivered {run['sent'] - run['lost']} of {run['sent']}, duplicated "
+                f"{run['duplicated']}, CPU ms/message {run['cpu_ms_per_message']}")
+        results["latency"] = {}
+        for qos in (0, 1):
+            for rate in rates:
+                run = driver.run(int(rate * args.duration), qos, rate=rate, cpu=daemon.cpu)
+                results["latency"][f"qos{qos}@{int(rate)}"] = run
+                say(f"  qos{qos} at {rate:.0f}/s: p50 {run['latency_ms'].get('p50')} ms, "
+                    f"p99 {run['latency_ms'].get('p99')} ms, lost {run['lost']}, "
+                    f"CPU ms/message {run['cpu_ms_per_message']}")
+        time.sleep(1.0)
+        results["memory"] = daemon.memory()
+        memory = results["memory"]
+        say(f"  memory: supervisor {memory['supervisor_mb']} MB, instances {memory['instances_mb']} MB "
+            f"(PSS {memory['instances_pss_mb']}, USS {memory['instances_uss_mb']}), template "
+            f"{memory['template_mb']} MB (PSS {memory['template_pss_mb']})")
+    finally:
+        daemon.stop()
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=20000, help="messages per flat-out run")
     parser.add_argument("--max", type=int, default=4, help="instance.max of the echo function")
     parser.add_argument("--rates", default="200,1000,3000", help="fixed rates for latency, per second")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per fixed-rate run")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="measure this many times (relay and daemon each time); the table shows "
+                             "the median and the range")
     parser.add_argument("--cold", type=int, default=3, help="cold starts to time")
     parser.add_argument("--broker", help="host:port of a broker to use instead of starting one")
     parser.add_argument("--out", default=os.path.join(ROOT, "var", "bench.json"))
@@ -266,40 +335,13 @@ def main() -> int:
     with open(os.path.join(codedir, "echo.py"), "w") as fh:
         fh.write(ECHO)
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-                     "count": args.count, "max": args.max}
+                     "count": args.count, "max": args.max, "runs": []}
     driver = Driver(host, port)
     try:
-        say("ceiling: in-process relay")
-        results["relay"] = relay_ceiling(port, driver, args.count, codedir, rates, args.duration)
-
-        say(f"daemon: echo function, instance.max {args.max}, warm")
-        daemon = DaemonUnderTest(workdir, port, args.max, args.max, "warm")
-        daemon.start(warm=args.max)
-        try:
-            driver.run(500, 1)   # warm up
-            results["daemon"] = {}
-            for qos in (0, 1):
-                run = driver.run(args.count, qos)
-                results["daemon"][f"qos{qos}"] = run
-                ratio = run["throughput"] / results["relay"][f"qos{qos}"]["throughput"]
-                say(f"  flat out qos{qos}: {run['throughput']:.0f} msg/s ({ratio:.2f} of the relay), "
-                    f"lost {run['lost']}, duplicated {run['duplicated']}")
-            results["latency"] = {}
-            for qos in (0, 1):
-                for rate in rates:
-                    run = driver.run(int(rate * args.duration), qos, rate=rate)
-                    results["latency"][f"qos{qos}@{int(rate)}"] = run
-                    say(f"  qos{qos} at {rate:.0f}/s: p50 {run['latency_ms'].get('p50')} ms, "
-                        f"p99 {run['latency_ms'].get('p99')} ms, lost {run['lost']}")
-            time.sleep(1.0)
-            results["memory"] = daemon.memory()
-            memory = results["memory"]
-            say(f"  memory: supervisor {memory['supervisor_mb']} MB, instances {memory['instances_mb']} MB "
-                f"(PSS {memory['instances_pss_mb']}, USS {memory['instances_uss_mb']}), template "
-                f"{memory['template_mb']} MB (PSS {memory['template_pss_mb']})")
-        finally:
-            daemon.stop()
-
+        for index in range(args.runs):
+            if args.runs > 1:
+                say(f"run {index + 1} of {args.runs}")
+            results["runs"].append(measure(workdir, port, driver, codedir, args, rates, str(index)))
         say("cold start: first reply from an empty pool")
         results["cold_start"] = cold_start(workdir, port, driver, args.cold)
         say(f"  {results['cold_start']['first_reply_ms']} ms")
@@ -308,14 +350,13 @@ def main() -> int:
         if broker is not None:
             broker.stop()
 
-    for qos in (0, 1):
-        relay = results["relay"][f"qos{qos}"]["throughput"]
-        results["daemon"][f"qos{qos}"]["fraction_of_relay"] = round(
-            results["daemon"][f"qos{qos}"]["throughput"] / relay, 3)
-    histograms = {key: run.pop("_latencies") for key, run in results["latency"].items()}
-    for section in ("relay", "daemon"):
-        for run in results[section].values():
-            run.pop("_latencies", None)
+    histograms: Dict[str, List[float]] = {}
+    for run in results["runs"]:
+        for key, fixed in run["latency"].items():
+            histograms.setdefault(key, []).extend(fixed.pop("_latencies"))
+        for section in ("relay", "daemon"):
+            for measured in run[section].values():
+                measured.pop("_latencies", None)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(results, fh, indent=2)
@@ -326,30 +367,63 @@ def main() -> int:
     return 0
 
 
+def _median(runs: List[dict], path: List[str]) -> str:
+    """The median over the runs of the figure at `path`, with the range when there are several."""
+    values = []
+    for run in runs:
+        value: object = run
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, (int, float)):
+            values.append(value)
+    if not values:
+        return ""
+    middle = statistics.median(values)
+    text = f"{middle:.3g}" if middle < 10 else f"{middle:.0f}"
+    if len(values) > 1:
+        low, high = min(values), max(values)
+        text += f" ({low:.3g}-{high:.3g})" if high < 10 else f" ({low:.0f}-{high:.0f})"
+    return text
+
+
 def table(results: dict) -> str:
-    lines = ["", "| measure | relay (ceiling) | daemon | daemon / relay |", "| --- | --- | --- | --- |"]
+    runs = results["runs"]
+    lines = ["", f"Medians of {len(runs)} run(s), the range in parentheses; CPU is milliseconds per "
+             "message delivered.", "",
+             "| measure | relay (ceiling) | daemon | daemon / relay | CPU: relay | CPU: supervisor | "
+             "CPU: instances |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for qos in (0, 1):
-        relay, ours = results["relay"][f"qos{qos}"], results["daemon"][f"qos{qos}"]
-        lines.append(f"| flat out, QoS {qos}, {results['count']} messages, msg/s | {relay['throughput']:.0f} | "
-                     f"{ours['throughput']:.0f} (lost {ours['lost']}) | {ours['fraction_of_relay']:.2f} |")
-    for key, run in results["latency"].items():
-        lat = run["latency_ms"]
-        relay = results["relay"].get(f"latency {key}", {}).get("latency_ms", {})
-        relay_text = f"{relay.get('p50')} / {relay.get('p90')} / {relay.get('p99')} / {relay.get('max')}" \
-            if relay else ""
-        lines.append(f"| latency {key}/s, ms p50 / p90 / p99 / max | {relay_text} | {lat.get('p50')} / "
-                     f"{lat.get('p90')} / {lat.get('p99')} / {lat.get('max')} (lost {run['lost']}) | |")
+        key = f"qos{qos}"
+        delivered = f", delivered {_median([{'d': r['daemon'][key]['sent'] - r['daemon'][key]['lost']} for r in runs], ['d'])}" \
+            f" of {runs[0]['daemon'][key]['sent']}"
+        lines.append(
+            f"| flat out, QoS {qos}, msg/s | {_median(runs, ['relay', key, 'throughput'])} | "
+            f"{_median(runs, ['daemon', key, 'throughput'])}{delivered} | "
+            f"{_median(runs, ['daemon', key, 'fraction_of_relay'])} | "
+            f"{_median(runs, ['relay', key, 'cpu_ms_per_message', 'relay'])} | "
+            f"{_median(runs, ['daemon', key, 'cpu_ms_per_message', 'supervisor'])} | "
+            f"{_median(runs, ['daemon', key, 'cpu_ms_per_message', 'instances'])} |")
+    for key in runs[0]["latency"]:
+        relay_key = f"latency {key}"
+        relay = " / ".join(_median(runs, ["relay", relay_key, "latency_ms", q]) for q in ("p50", "p99")) \
+            if relay_key in runs[0]["relay"] else ""
+        ours = " / ".join(_median(runs, ["latency", key, "latency_ms", q]) for q in ("p50", "p99", "max"))
+        lost = _median(runs, ["latency", key, "lost"])
+        lines.append(f"| latency {key}/s, ms p50 / p99 (/ max) | {relay} | {ours} (lost {lost}) | | "
+                     f"{_median(runs, ['relay', relay_key, 'cpu_ms_per_message', 'relay'])} | "
+                     f"{_median(runs, ['latency', key, 'cpu_ms_per_message', 'supervisor'])} | "
+                     f"{_median(runs, ['latency', key, 'cpu_ms_per_message', 'instances'])} |")
     cold = results["cold_start"]
-    lines.append(f"| cold start, first reply, ms (median of {len(cold['first_reply_ms'])}) | | {cold['median_ms']} | |")
-    memory = results["memory"]
+    lines.append(f"| cold start, first reply, ms (median of {len(cold['first_reply_ms'])}) | | {cold['median_ms']} | | | | |")
+    memory = runs[-1]["memory"]
     lines.append(f"| resident memory, supervisor with {len(memory['instances_mb'])} instances, MB | | "
-                 f"{memory['supervisor_mb']} | |")
-    lines.append(f"| resident memory per idle instance, MB: RSS / PSS / USS | | "
+                 f"{_median(runs, ['memory', 'supervisor_mb'])} | | | | |")
+    lines.append(f"| resident memory per idle instance, MB: RSS / PSS / USS (last run) | | "
                  f"{', '.join(map(str, memory['instances_mb']))} / {', '.join(map(str, memory['instances_pss_mb']))}"
-                 f" / {', '.join(map(str, memory['instances_uss_mb']))} | |")
+                 f" / {', '.join(map(str, memory['instances_uss_mb']))} | | | | |")
     if memory.get("template_mb") is not None:
         lines.append(f"| resident memory of the instance template, MB: RSS / PSS | | {memory['template_mb']} / "
-                     f"{memory['template_pss_mb']} | |")
+                     f"{memory['template_pss_mb']} | | | | |")
     return "\n".join(lines)
 
 
