@@ -69,6 +69,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--max", type=int, default=4)
     parser.add_argument("--sample-rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--native", action="store_true", help="include native frames (py-spy --native)")
+    parser.add_argument("--keep", help="a directory to keep py-spy's raw samples in")
     args = parser.parse_args()
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(spy):
@@ -79,15 +81,16 @@ def main() -> int:
     driver = Driver(broker.host, broker.port)
     daemon = DaemonUnderTest(workdir, broker.port, args.max, args.max, "profile")
     daemon.start(warm=args.max)
+    recorders: Dict[str, Tuple[str, subprocess.Popen]] = {}
     try:
         driver.run(500, 1)   # warm up
         targets = {"supervisor": daemon.process.pid, "instance": daemon.instances()[0].pid}
-        recorders = {}
         for name, pid in targets.items():
             out = os.path.join(workdir, f"{name}.txt")
             recorders[name] = (out, subprocess.Popen(
                 [spy, "record", "-f", "raw", "--threads", "--gil", "--nonblocking", "-r", str(args.sample_rate),
-                 "-d", str(int(args.seconds + 2)), "-p", str(pid), "-o", out],
+                 "-d", str(int(args.seconds + 2)), "-p", str(pid), "-o", out]
+                + (["--native"] if args.native else []),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1.0)
         run = driver.run(int(args.rate * args.seconds), args.qos, rate=args.rate, cpu=daemon.cpu)
@@ -104,6 +107,10 @@ def main() -> int:
         daemon.stop()
         driver.close()
         broker.stop()
+        if args.keep:
+            os.makedirs(args.keep, exist_ok=True)
+            for out, _ in recorders.values():
+                shutil.copy(out, args.keep)
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
