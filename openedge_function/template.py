@@ -22,6 +22,7 @@ import psutil
 from runtime_python.server import prctl
 
 from .config import Function
+from .environment import RUNTIME_ROOT, base_environment
 from .lifecycle import describe_exit
 
 log = logging.getLogger(__name__)
@@ -205,5 +206,4 @@ class Template:
 
 def _template_environment() -> Dict[str, str]:
     """The instances' base (each fork then takes its own); the runtime found through PYTHONPATH."""
-    from .instance import _RUNTIME_ROOT, base_environment
-    return {**base_environment(), "PYTHONPATH": _RUNTIME_ROOT}
+    return {**base_environment(), "PYTHONPATH": RUNTIME_ROOT}
