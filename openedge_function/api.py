@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 from urllib.parse import parse_qs, quote
 
 from runtime_python._pb import function_pb2 as pb
@@ -23,10 +23,8 @@ from runtime_python.sdk import CHAIN_HEADER, DEADLINE_HEADER, REQUEST_ID_HEADER
 
 from .config import Function, Server
 from .errors import InvocationError, build_envelope, error_of
-from .pool import Invocation, Pool, new_request_id
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
+from .invocation import Invocation, new_request_id
+from .pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +79,12 @@ def _status_line(code: int) -> str:
 class Api:
     """The WSGI application of the daemon's own server."""
 
-    def __init__(self, daemon: "Daemon", server: Server, metrics: Any) -> None:
-        self.daemon = daemon
+    def __init__(self, server: Server, metrics: Any, pools: Callable[[], Dict[str, Pool]],
+                 health: Callable[[], Tuple[bool, List[str]]], status: Callable[[], dict]) -> None:
         self.metrics = metrics
+        self._pools = pools       # the running configuration's pools, by function name
+        self._health = health
+        self._status = status
         self._bearer = f"Bearer {server.token}" if server.token else ""
 
     # -- routing -------------------------------------------------------------------------------
@@ -104,14 +105,14 @@ class Api:
             name, _, rest = path[len("/http/"):].partition("/")
             return self._http(environ, start_response, name, "/" + rest)
         if path == "/healthz":
-            ok, reasons = self.daemon.health()
+            ok, reasons = self._health()
             body = json.dumps({"status": "ok" if ok else "unavailable", "reasons": reasons}).encode()
             return self._reply(start_response, 200 if ok else 503, body, "application/json")
         if path == "/metrics":
             body, content_type = self.metrics.render()
             return self._reply(start_response, 200, body, content_type)
         if path == "/status":
-            body = json.dumps(self.daemon.status(), indent=2).encode()
+            body = json.dumps(self._status(), indent=2).encode()
             return self._reply(start_response, 200, body, "application/json")
         return self._error(start_response, _Refused("NotFound", f"no such endpoint: {method} {path}"),
                            "")
@@ -186,7 +187,7 @@ class Api:
     # -- shared ------------------------------------------------------------------------------------
 
     def _function(self, name: str, query: str) -> Tuple[Function, Pool]:
-        pool = self.daemon.pools.get(name)
+        pool = self._pools().get(name)
         if pool is None:
             raise _Refused("UnknownFunction", f"no function named {name!r}")
         function = pool.function

@@ -215,6 +215,9 @@ class Rule:
     clientid: Optional[str] = None
     retry_max: int = 0          # re-runs after InstanceCrashed (never after an exception or a timeout)
     ordered: bool = False       # messages of one topic run one after the other
+    # What a full queue does to QoS 0 messages: pause intake as for QoS 1 (the broker buffers or
+    # drops under its own limits), or drop them here (freshness over completeness).
+    overflow: str = "pause"
 
     @property
     def name(self) -> str:
@@ -520,7 +523,7 @@ _QOS = bounded_int(0, 1)
 def _parse_rule(file: str, index: int, raw: Any, functions: List[str]) -> Rule:
     path = f"rules[{index}]"
     r = _Reader(file, path, raw, ("id", "clientid", "subscribe", "compute", "function", "publish",
-                                  "error", "retry", "ordered"))
+                                  "error", "retry", "ordered", "overflow"))
     sub = r.section("subscribe", ("topic", "qos"))
     subscribe = Subscription(sub.get("topic", topic_filter, required=True), sub.get("qos", _QOS, 0))
     if r.has("compute") and r.has("function"):
@@ -549,6 +552,7 @@ def _parse_rule(file: str, index: int, raw: Any, functions: List[str]) -> Rule:
         clientid=r.get("clientid", nonempty_string),
         retry_max=r.section("retry", ("max",)).get("max", bounded_int(0, 10), 0),
         ordered=r.get("ordered", boolean, False),
+        overflow=r.get("overflow", one_of("pause", "drop"), "pause"),
     )
 
 

@@ -1,7 +1,9 @@
 """The supervisor: one process that owns the broker connections, the pools and the instances.
 
-Signal handlers only queue the signal; the main loop dispatches it and, between signals, keeps the
-pools at their `min` and enforces memory limits.
+Signal handlers only queue the signal; the main loop dispatches it and, between signals, enforces
+memory limits and looks after the template. Messages never pass through this thread: they travel
+on the data plane's loop (dataplane.py), which owns the broker connections, the pools and the
+streams to the instances.
 
 SIGHUP re-reads the configuration. Unchanged rules and functions keep their connections and
 instances; a changed function gets a new pool at once while its old instances finish what they
@@ -24,6 +26,7 @@ import time
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from .config import AppConfig, Hub, Rule, Server, load_config
+from .dataplane import DataPlane
 from .errors import ConfigError, ServerError
 from .hub import Publisher
 from .logs import setup_logging
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_TICK = 0.1            # seconds between maintenance passes: memory checks, min instances
+_TICK = 0.1            # seconds between maintenance passes: memory checks, the template
 _REAP_EVERY = 1.0      # seconds between collecting what instances' subprocesses left orphaned
 _SHUTDOWN_EXTRA = 5.0  # on top of the longest function timeout, for a graceful stop
 
@@ -65,6 +68,7 @@ class Daemon:
         self.http: Optional["HttpServer"] = None
         self._runtime_env: Dict[str, str] = {}
         self.started_at = time.time()
+        self.plane = DataPlane()
 
     # -- signals: the handlers only queue -----------------------------------------------------
 
@@ -93,6 +97,7 @@ class Daemon:
         # Instances listen in a private directory (mkdtemp makes it 0700).
         self._rundir = tempfile.mkdtemp(prefix="openedge-function-")
         self._watcher = Watcher()
+        self.plane.start()
         # Instances are forks of a template that has imported the runtime already; they come back
         # to us as children only if we are a subreaper.
         if become_subreaper():
@@ -112,6 +117,7 @@ class Daemon:
             if self._template is not None:
                 self._template.close()
                 reap_orphans()
+            self.plane.stop()
             if self._watcher is not None:
                 self._watcher.close()
             shutil.rmtree(self._rundir, ignore_errors=True)
@@ -126,7 +132,7 @@ class Daemon:
         log.info("openedge-function (pid %s): %d functions, %d rules, broker %s",
                  os.getpid(), len(self.pools), len(self.rules), config.hub.address)
         for pool in self.pools.values():
-            pool.maintain()
+            self.plane.call(pool.start)
         if self.http is not None:
             self.http.start()
         for runner in self.rules:
@@ -139,9 +145,10 @@ class Daemon:
 
         from .api import Api, HttpServer
         from .metrics import Metrics
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(lambda: self.pools, lambda: self.rules, lambda: self.publisher)
         try:
-            self.http = HttpServer(Api(self, server, self.metrics), server)
+            self.http = HttpServer(Api(server, self.metrics, lambda: self.pools, self.health,
+                                       self.status), server)
         except OSError as exc:
             raise ServerError(f"server.address: cannot listen on {server.address}: {exc.strerror or exc}") \
                 from None
@@ -191,10 +198,9 @@ class Daemon:
                            "connected": bool(self.publisher and self.publisher.connected.is_set())},
                 "functions": functions, "rules": rules}
 
-    @staticmethod
-    def _publisher(hub: Hub) -> Publisher:
+    def _publisher(self, hub: Hub) -> Publisher:
         """Connect the publisher first, so that the first outcomes find it connected."""
-        publisher = Publisher(hub, f"{hub.clientid}-publisher")
+        publisher = Publisher(self.plane, hub, f"{hub.clientid}-publisher")
         publisher.start()
         if not publisher.connected.wait(min(hub.connect_timeout, 3.0)):
             log.warning("publisher: no connection to %s yet; starting anyway", hub.address)
@@ -202,16 +208,15 @@ class Daemon:
 
     def _pool(self, function) -> Pool:
         assert self._rundir is not None and self._watcher is not None
-        pool = Pool(function, self._rundir, self._watcher, template=self._template,
+        pool = Pool(self.plane, function, self._rundir, self._watcher, template=self._template,
                     runtime_env=self._runtime_env)
         if self.metrics is not None:
             pool.observe = self.metrics.observer(function.name)
         return pool
 
-    @staticmethod
-    def _runner(rule: Rule, config: AppConfig, pools: Dict[str, Pool], publisher: Publisher) -> RuleRunner:
+    def _runner(self, rule: Rule, config: AppConfig, pools: Dict[str, Pool], publisher: Publisher) -> RuleRunner:
         function = config.function(rule.function)
-        return RuleRunner(rule, config.hub, function, pools[function.name], publisher)
+        return RuleRunner(self.plane, rule, config.hub, function, pools[function.name], publisher)
 
     def _loop(self) -> None:
         while True:
@@ -225,7 +230,6 @@ class Daemon:
 
     def _maintain(self) -> None:
         for pool in self.pools.values():
-            pool.maintain()
             pool.check_memory()
         for pool in list(self._leaving):
             pool.check_memory()
@@ -263,7 +267,7 @@ class Daemon:
                 pools[function.name] = pool
             else:
                 pools[function.name] = self._pool(function)
-                pools[function.name].maintain()
+                self.plane.call(pools[function.name].start)
         leaving = [pool for name, pool in self.pools.items() if pools.get(name) is not pool]
 
         kept: List[RuleRunner] = []
@@ -274,7 +278,8 @@ class Daemon:
             runner = by_key.pop(_rule_key(rule), None)
             if runner is not None and new.hub == old.hub and _same_rule(runner.rule, rule):
                 runner.rule = rule
-                runner.use(new.function(rule.function), pools[rule.function])
+                # On the loop: the next message the intake reads goes to the new pool.
+                self.plane.run(runner.use, new.function(rule.function), pools[rule.function])
                 kept.append(runner)
                 continue
             if runner is not None:
@@ -304,7 +309,7 @@ class Daemon:
             runner.wait_settled(runner.function.instance.timeout + _SHUTDOWN_EXTRA)
             if removed:
                 runner.intake.unsubscribe()
-            runner.intake.stop()
+            runner.stop()
         for runner in starting:
             runner.start()
         for pool in leaving:
@@ -339,7 +344,7 @@ class Daemon:
         if self.publisher is not None:
             self.publisher.drain(timeout=5.0)
         for runner in self.rules:
-            runner.intake.stop()
+            runner.stop()
         if self.publisher is not None:
             self.publisher.stop()
         for runner in self.rules:

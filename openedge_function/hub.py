@@ -1,4 +1,4 @@
-"""The daemon's connections to the broker (paho-mqtt 2.x).
+"""The daemon's connections to the broker (paho-mqtt 2.x), driven by the data plane's loop.
 
 - One `Intake` per rule: its subscription, with a stable client id and a persistent session when
   the rule has an id, so what arrives while the daemon is down waits at the broker. QoS 1
@@ -6,18 +6,23 @@
 - One `Publisher` for the daemon: every outcome goes out through it, and `then()` runs once the
   broker acknowledged a QoS 1 publish, which is when the input gets its acknowledgement.
 
-Keeping the two apart matters: when a function's queue is full the intake's network thread waits
-for room (that is how intake pauses), and that must never hold up the publishes and their
-acknowledgements, which are what frees the room.
+No paho network threads: the loop watches each client's socket and calls `loop_read`,
+`loop_write` and `loop_misc` (paho's external-loop interface), reconnecting with a back-off.
+Writes queued while the loop handles one event go out together at the end of it.
+
+An intake pauses by no longer reading its socket (TCP then holds the broker back, which buffers
+or drops under its own limits); it never holds up the publisher, whose acknowledgements are what
+frees the room.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, Set
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -25,18 +30,24 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from .config import Hub
+from .dataplane import DataPlane
 
 log = logging.getLogger(__name__)
 
 OnMessage = Callable[[mqtt.MQTTMessage], None]
 
+_MISC_EVERY = 1.0      # seconds between keep-alive checks
+_READS_PER_EVENT = 64  # packets read in one go before the loop serves others
+
 
 class _Connection:
-    """A paho client set up from the hub configuration, in its own network thread."""
+    """A paho client set up from the hub configuration, run by the data plane's loop."""
 
-    def __init__(self, hub: Hub, client_id: str, clean_session: bool, name: str,
+    def __init__(self, plane: DataPlane, hub: Hub, client_id: str, clean_session: bool, name: str,
                  manual_ack: bool = False) -> None:
         self.name = name
+        self._plane = plane
+        self._loop = plane.loop
         self._hub = hub
         self._clean = clean_session
         self.connected = threading.Event()
@@ -55,32 +66,174 @@ class _Connection:
                            cert_reqs=ssl.CERT_NONE if hub.insecure_skip_verify else ssl.CERT_REQUIRED)
             if hub.insecure_skip_verify:
                 client.tls_insecure_set(True)
-        client.reconnect_delay_set(1, max(1, int(hub.reconnect_max)))
+        # The loop waits for a connect: keep it short (the broker is usually on this machine).
+        client.connect_timeout = max(0.5, min(hub.connect_timeout, 5.0))
         client.on_connect = self._connected
         client.on_disconnect = self._disconnected
-        client.on_socket_open = _no_delay
+        client.on_socket_open = self._socket_opened
+        client.on_socket_close = self._socket_closed
+        client.on_socket_register_write = self._want_write
+        client.on_socket_unregister_write = self._no_write
         self._client = client
+        self._sock: Any = None
+        self._flush_due = False
+        self._flushing = False
+        self._writer = False
+        self._reader = False
+        self._paused: Set[str] = set()   # why reading is paused; empty: reading
+        self._stopped = False
+        self._started = False
+        self._delay = 1.0
+        self._failures = 0
+        self._misc: Optional[Any] = None
+        self._received = 0   # messages delivered (an intake's), to tell when a read found one
+
+    # -- running (any thread) --------------------------------------------------------------------
 
     def start(self) -> None:
-        keepalive = max(5, int(self._hub.keepalive))
-        if self._hub.protocol == 5:
-            properties = Properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = 0 if self._clean else self._hub.session_expiry
-            self._client.connect_async(self._hub.host, self._hub.port, keepalive=keepalive,
-                                       clean_start=self._clean, properties=properties)
-        else:
-            self._client.connect_async(self._hub.host, self._hub.port, keepalive=keepalive)
-        self._client.loop_start()
+        self._plane.call(self._connect)
 
     def stop(self) -> None:
-        """Disconnect cleanly and stop the network thread."""
-        self._client.disconnect()
-        self._client.loop_stop()
+        """Disconnect cleanly; from any thread."""
+        self._plane.run(self._stop)
+
+    # -- on the loop -----------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        if self._stopped:
+            return
+        client = self._client
+        try:
+            if not self._started:
+                self._started = True
+                keepalive = max(5, int(self._hub.keepalive))
+                if self._hub.protocol == 5:
+                    properties = Properties(PacketTypes.CONNECT)
+                    properties.SessionExpiryInterval = 0 if self._clean else self._hub.session_expiry
+                    client.connect_async(self._hub.host, self._hub.port, keepalive=keepalive,
+                                         clean_start=self._clean, properties=properties)
+                else:
+                    client.connect_async(self._hub.host, self._hub.port, keepalive=keepalive)
+            client.reconnect()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self._failures += 1
+            if self._failures == 1:
+                log.warning("%s: cannot reach the broker %s (%s); trying again", self.name,
+                            self._hub.address, exc)
+            self._retry()
+            return
+        if self._misc is None:
+            self._misc = self._loop.call_later(_MISC_EVERY, self._keepalive)
+
+    def _retry(self) -> None:
+        """Connect again after the back-off (1 s doubling up to hub.interval)."""
+        if self._stopped:
+            return
+        delay, self._delay = self._delay, min(self._delay * 2, max(1.0, self._hub.reconnect_max))
+        self._loop.call_later(delay, self._connect)
+
+    def _keepalive(self) -> None:
+        self._misc = None
+        if self._stopped or self._sock is None:
+            return
+        # A paused intake reads nothing, PINGRESP included: paho would take the silence for a
+        # dead broker. Its acknowledgements keep the broker's side of the keep-alive going.
+        if not self._paused:
+            self._client.loop_misc()
+        self._misc = self._loop.call_later(_MISC_EVERY, self._keepalive)
+
+    def _socket_opened(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        _no_delay(sock)
+        self._sock = sock
+        self._read_again()
+
+    def _socket_closed(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if self._reader:
+            self._loop.remove_reader(sock)
+            self._reader = False
+        if self._writer:
+            self._loop.remove_writer(sock)
+            self._writer = False
+        self._sock = None
+
+    def _want_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        # Written at the end of this turn of the loop: what else it queues goes out with it.
+        if not self._flush_due and not self._flushing and not self._writer:
+            self._flush_due = True
+            self._loop.call_soon(self._flush)
+
+    def _no_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if self._writer:
+            self._loop.remove_writer(sock)
+            self._writer = False
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if self._sock is None:
+            return
+        self._flushing = True
+        try:
+            self._client.loop_write()
+        finally:
+            self._flushing = False
+        if self._sock is not None and self._client.want_write() and not self._writer:
+            # The socket's buffer is full: wait until it drains.
+            self._loop.add_writer(self._sock, self._on_writable)
+            self._writer = True
+
+    def _on_writable(self) -> None:
+        if self._writer and self._sock is not None:
+            self._loop.remove_writer(self._sock)
+        self._writer = False
+        self._flush()
+
+    def _read_again(self) -> None:
+        if self._sock is not None and not self._paused and not self._reader:
+            self._loop.add_reader(self._sock, self._on_readable)
+            self._reader = True
+            # Bytes paho or TLS holds already would not make the socket readable again.
+            self._loop.call_soon(self._on_readable)
+
+    def _on_readable(self) -> None:
+        client = self._client
+        for _ in range(_READS_PER_EVENT):
+            if self._sock is None or self._paused:
+                break
+            before = self._received
+            if client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+                break
+            pending = getattr(self._sock, "pending", None)
+            if self._received == before and not (pending and pending()):
+                break   # nothing more to read now
+        if self._paused and self._reader and self._sock is not None:
+            self._loop.remove_reader(self._sock)
+            self._reader = False
+
+    def _pause(self, reason: str) -> None:
+        self._paused.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        if reason in self._paused:
+            self._paused.discard(reason)
+            self._read_again()
+
+    def _stop(self) -> None:
+        self._stopped = True
+        if self._misc is not None:
+            self._misc.cancel()
+            self._misc = None
+        if self._sock is not None:
+            self._client.disconnect()
+            self._flush()
+        if self._sock is not None:
+            self._client._sock_close()   # paho closes on its own only when the broker answers
+        self.connected.clear()
 
     def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
             log.error("%s: broker %s refused the connection: %s", self.name, self._hub.address, reason)
             return
+        self._delay, self._failures = 1.0, 0
         self.generation += 1
         self.connected.set()
         self._on_connect(client, flags)
@@ -90,16 +243,19 @@ class _Connection:
 
     def _disconnected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self.connected.clear()
+        if self._stopped:
+            return
         if reason.is_failure:
             log.warning("%s: lost the broker (%s), reconnecting", self.name, reason)
+        self._retry()
 
 
 class Intake(_Connection):
     """A rule's subscription: subscribes on every connect, hands messages on, acknowledges."""
 
-    def __init__(self, hub: Hub, client_id: str, clean_session: bool, topic: str, qos: int,
-                 on_message: OnMessage, name: str) -> None:
-        super().__init__(hub, client_id, clean_session, f"rule {name}", manual_ack=True)
+    def __init__(self, plane: DataPlane, hub: Hub, client_id: str, clean_session: bool, topic: str,
+                 qos: int, on_message: OnMessage, name: str) -> None:
+        super().__init__(plane, hub, client_id, clean_session, f"rule {name}", manual_ack=True)
         self._topic, self._qos = topic, qos
         self._on_message = on_message
         self._client.on_message = self._message
@@ -118,11 +274,19 @@ class Intake(_Connection):
         log.info("%s: subscribed to %s", self.name, self._topic)
 
     def _message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self._received += 1
         self._on_message(message)
+
+    def pause(self, reason: str) -> None:
+        """Stop reading until `resume(reason)` (on the loop): the function is saturated."""
+        self._pause(reason)
+
+    def resume(self, reason: str) -> None:
+        self._resume(reason)
 
     def ack(self, mid: int, qos: int, generation: int) -> None:
         """Acknowledge an input message, if it came on the current connection (a message from an
-        earlier one will be redelivered by the broker instead)."""
+        earlier one will be redelivered by the broker instead). On the loop."""
         if qos and generation == self.generation:
             self._client.ack(mid, qos)
 
@@ -133,97 +297,117 @@ class Intake(_Connection):
         self._on_message = _drop
 
     def unsubscribe(self, timeout: float = 5.0) -> None:
-        """Drop the subscription from the (persistent) session: for a rule that is removed."""
-        if self.connected.is_set():
-            done = threading.Event()
+        """Drop the subscription from the (persistent) session: for a rule that is removed.
+        From a thread other than the loop's."""
+        done = threading.Event()
+
+        def send() -> bool:
+            if not self.connected.is_set():
+                return False
             self._client.on_unsubscribe = lambda *args: done.set()
-            if self._client.unsubscribe(self._topic)[0] == mqtt.MQTT_ERR_SUCCESS:
-                done.wait(timeout)
+            return self._client.unsubscribe(self._topic)[0] == mqtt.MQTT_ERR_SUCCESS
+
+        if self._plane.run(send):
+            done.wait(timeout)
 
 
 class Publisher(_Connection):
     """Publishes every outcome of the daemon; tells when the broker has each QoS 1 one."""
 
-    def __init__(self, hub: Hub, client_id: str) -> None:
-        super().__init__(hub, client_id, clean_session=True, name="publisher")
-        self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)   # signalled as the broker acknowledges
-        self._waiting: Dict[mqtt.MQTTMessageInfo, Callable[[], None]] = {}
-        self._early: Set[mqtt.MQTTMessageInfo] = set()
+    def __init__(self, plane: DataPlane, hub: Hub, client_id: str) -> None:
+        super().__init__(plane, hub, client_id, clean_session=True, name="publisher")
+        self._waiting: Dict[int, Callable[[], None]] = {}   # mid -> then, for QoS 1
+        # Outcomes beyond paho's buffer (hub.buffer.max, while the broker is away) wait here, and
+        # the intakes pause until it empties: nothing is refused, and memory stays bounded.
+        self._backlog: Deque[Tuple[str, bytes, int, Callable[[], None]]] = collections.deque()
+        self._intakes: List[Intake] = []
         self._closing = False
         self._client.max_inflight_messages_set(100)
-        # Outcomes published while the broker is away wait in paho, up to this many; past it,
-        # publishing waits for room (and with it the pool, and then intake).
         self._client.max_queued_messages_set(self._hub.buffer_max)
         self._client.on_publish = self._published
 
-    def publish(self, topic: str, payload: bytes, qos: int, then: Callable[[], None] = None) -> bool:
-        """Publish; call `then()` once the broker has it (QoS 1) or once it is queued (QoS 0).
-        False when the outcome could not be kept: QoS 0 without a connection, or stopping."""
-        while True:
-            info = self._client.publish(topic, payload, qos)
-            if info.rc != mqtt.MQTT_ERR_QUEUE_SIZE:
-                break
-            with self._lock:
-                if self._closing:
-                    return False
-                self._room.wait(0.1)
-        if qos == 0:
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+    def attach(self, intake: Intake) -> None:
+        """`intake` pauses while outcomes wait for room in the buffer (on the loop)."""
+        self._intakes.append(intake)
+        if self._backlog:
+            intake.pause("publisher")
+
+    def detach(self, intake: Intake) -> None:
+        if intake in self._intakes:
+            self._intakes.remove(intake)
+            intake.resume("publisher")
+
+    def publish(self, topic: str, payload: bytes, qos: int, then: Callable[[], None]) -> bool:
+        """Publish (on the loop); call `then()` once the broker has it (QoS 1) or once it is sent
+        (QoS 0). False when the outcome could not be kept: QoS 0 without a connection, or stopping."""
+        if self._closing:
+            return False
+        if self._backlog:
+            if qos == 0:
                 return False
-            if then is not None:
-                then()
+            self._backlog.append((topic, payload, qos, then))
             return True
-        # QoS 1: paho keeps the message (and resends it after a reconnect) until the broker acks it.
-        then = then or _nothing
-        with self._lock:
-            early = info in self._early
-            if early:
-                self._early.discard(info)
-            else:
-                self._waiting[info] = then
-        if early:
+        info = self._client.publish(topic, payload, qos)
+        rc = info.rc
+        if qos == 0:
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                return False
             then()
+            return True
+        if rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            self._backlog.append((topic, payload, qos, then))
+            log.warning("publisher: %d outcomes wait for the broker (hub.buffer.max): pausing intake",
+                        len(self._client._out_messages))
+            for intake in self._intakes:
+                intake.pause("publisher")
+            return True
+        # Kept by paho (and sent again after a reconnect) until the broker acknowledges it.
+        self._waiting[info.mid] = then
         return True
 
     def _published(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
-        # Called with paho's outgoing-message lock held, before it forgets the message: look it up
-        # to tell a QoS 1 publish (whose info we may be waiting on) from a QoS 0 one.
-        message = client._out_messages.get(mid)
-        if message is None:
-            return
-        with self._lock:
-            then = self._waiting.pop(message.info, None)
-            if then is None:
-                self._early.add(message.info)
-            self._room.notify()
+        then = self._waiting.pop(mid, None)
         if then is not None:
             then()
+            if self._backlog:
+                self._loop.call_soon(self._drain_backlog)
+
+    def _drain_backlog(self) -> None:
+        """Hand what waits to paho as the broker makes room; intake resumes once all is taken."""
+        backlog = self._backlog
+        while backlog and len(self._client._out_messages) < self._hub.buffer_max:
+            topic, payload, qos, then = backlog.popleft()
+            info = self._client.publish(topic, payload, qos)
+            if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+                backlog.appendleft((topic, payload, qos, then))
+                return
+            self._waiting[info.mid] = then
+        if not backlog:
+            for intake in self._intakes:
+                intake.resume("publisher")
+
+    def unacknowledged(self) -> int:
+        return len(self._waiting) + len(self._backlog)
 
     def drain(self, timeout: float) -> bool:
-        """Wait until the broker acknowledged every QoS 1 publish; True when it did."""
+        """Wait until the broker acknowledged every QoS 1 publish; True when it did. From a
+        thread other than the loop's."""
         deadline = time.monotonic() + timeout
-        while self._waiting and self.connected.is_set() and time.monotonic() < deadline:
+        while self.unacknowledged() and self.connected.is_set() and time.monotonic() < deadline:
             time.sleep(0.01)
-        return not self._waiting
+        return not self.unacknowledged()
 
     def stop(self) -> None:
-        with self._lock:
-            self._closing = True
-            self._room.notify_all()
+        self._closing = True
         super().stop()
 
 
-def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+def _no_delay(sock: Any) -> None:
     """paho leaves Nagle on; small request/response messages then wait up to 40 ms."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (OSError, AttributeError):
         pass   # TLS-wrapped or non-TCP sockets
-
-
-def _nothing() -> None:
-    pass
 
 
 def _drop(message: mqtt.MQTTMessage) -> None:

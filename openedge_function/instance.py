@@ -1,13 +1,17 @@
 """One instance: a runtime_python process with its gRPC server on a Unix socket, and our client.
 
-An instance is used only after it proved ready (its status line, then a Ping over gRPC). Stopping
-escalates and always reaps: SIGTERM to the process group, a grace period, SIGKILL, wait.
+The process side (spawn, wait for the runtime to load, signal, reap) blocks and runs in the data
+plane's control threads; the stream side (`open`, `invoke`, `cancel`, `close_stream`) is grpc.aio
+and runs on the data plane's loop. An instance is used only after it proved ready (its status
+line, then a Ping over gRPC). Stopping escalates and always reaps: SIGTERM to the process group, a
+grace period, SIGKILL, wait.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import itertools
 import json
-import queue
 import logging
 import os
 import signal
@@ -18,15 +22,15 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-import itertools
-
 import grpc
+import grpc.aio
 
 from runtime_python._pb import function_pb2 as pb
 from runtime_python._pb import function_pb2_grpc as pb_grpc
 from runtime_python.output import MARK, SEPARATOR
 
 from .config import Function
+from .environment import RUNTIME_ROOT, base_environment
 from .errors import FunctionLoadError, InstanceCrashed
 from .lifecycle import Lifecycle, State, describe_exit
 from .template import ForkedProcess, Template, disown, forkable, own
@@ -35,37 +39,26 @@ from .watch import LineSplitter, Watcher
 log = logging.getLogger(__name__)
 output_log = logging.getLogger("openedge_function.handler")   # what handlers print
 
-# The runtime package sits beside this one; an interpreter other than ours finds it through this.
-_RUNTIME_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(pb.__file__))))
 _SOCKETS = itertools.count(1)
-_BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# Keep-alive pings would only wake idle instances; the socket is local.
+# Keep-alive pings would only wake idle instances, and bandwidth probes cost a frame per message:
+# the socket is local.
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", -1),
     ("grpc.max_send_message_length", -1),
     ("grpc.enable_retries", 0),
+    ("grpc.http2.bdp_probe", 0),
 ]
 
 
-def base_environment() -> Dict[str, str]:
-    """What every runtime process starts with (instances, and the template they fork from);
-    nothing of the daemon's own environment, and so not the broker credentials."""
-    return {
-        "PATH": _BASE_PATH,
-        "LANG": os.environ.get("LANG", "C.UTF-8"),
-        "HOME": os.environ.get("HOME", "/"),
-        "PYTHONDONTWRITEBYTECODE": "1",
-        # gRPC's fork handlers would run in every subprocess a handler starts, with the server's
-        # threads busy; they can abort the child (seen on Python 3.9, which forks without vfork).
-        "GRPC_ENABLE_FORK_SUPPORT": "0",
-    }
+class StreamBroken(Exception):
+    """The instance's stream ended during an invocation: the process died, or `cancel()`."""
 
 
 def instance_environment(function: Function, instance_id: str) -> Dict[str, str]:
     """The function's env over the base; the daemon's own environment never reaches an instance."""
     env = base_environment()
     if function.python:
-        env["PYTHONPATH"] = _RUNTIME_ROOT
+        env["PYTHONPATH"] = RUNTIME_ROOT
     env.update(function.env)
     env["OPENEDGE_FUNCTION_NAME"] = function.name
     env["OPENEDGE_FUNCTION_INSTANCE_ID"] = instance_id
@@ -110,9 +103,8 @@ class Instance:
         self._loaded = threading.Event()
         self.request_id = ""   # the invocation in progress, for output the runtime did not mark
         self._load_error: Optional[Dict[str, Any]] = None
-        self._channel: Optional[grpc.Channel] = None
-        self._requests: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-        self._responses: Any = None
+        self._channel: Optional[grpc.aio.Channel] = None
+        self._call: Any = None     # the Session stream
         self.deadline = 0.0            # when the invocation in progress runs out of time
         self.timed_out = False
 
@@ -124,25 +116,11 @@ class Instance:
     def pid(self) -> Optional[int]:
         return self.process.pid if self.process else None
 
-    def invoke(self, batch: Any) -> Any:
-        """Run the invocations of an InvokeBatch, one after the other, over the instance's
-        stream; their responses in order. Raises grpc.RpcError when the stream breaks (the
-        process died, or `cancel()`)."""
-        if self._responses is None:
-            raise RuntimeError(f"instance {self.id} is not started")
-        self._requests.put(batch)
-        return next(self._responses).responses
-
-    def cancel(self) -> None:
-        """End the stream: the invocation waiting on it raises at once."""
-        responses = self._responses
-        if responses is not None:
-            responses.cancel()
-
     # -- starting ---------------------------------------------------------------------------
 
     def start(self, ready_timeout: float) -> None:
-        """Spawn the runtime and wait until it serves. Raises FunctionLoadError or InstanceCrashed."""
+        """Spawn the runtime and wait until it has loaded the handler and serves (blocking).
+        Raises FunctionLoadError or InstanceCrashed."""
         fn = self.function
         ours, theirs = socket.socketpair()
         out_r, out_w = os.pipe()
@@ -203,16 +181,49 @@ class Instance:
             self.kill()
             raise InstanceCrashed(f"instance {self.id} {describe_exit(self.process.returncode)} "
                                   "during start-up")
-        self._channel = grpc.insecure_channel(f"unix:{self.socket_path}", options=_CHANNEL_OPTIONS)
+
+    # -- the stream (on the data plane's loop) -------------------------------------------------
+
+    async def open(self, ready_timeout: float) -> None:
+        """Connect, check that the runtime answers, and open the instance's one stream.
+        Raises InstanceCrashed; the caller then stops the process."""
+        self._channel = grpc.aio.insecure_channel(f"unix:{self.socket_path}", options=_CHANNEL_OPTIONS)
         stub = pb_grpc.FunctionStub(self._channel)
         try:
-            stub.Ping(pb.PingRequest(), timeout=max(5.0, ready_timeout))
+            await stub.Ping(pb.PingRequest(), timeout=max(5.0, ready_timeout))
         except grpc.RpcError as exc:
-            self.kill()
             raise InstanceCrashed(f"instance {self.id} does not answer: {exc.code().name}") from None
         # One stream for the instance's life: a message costs a write and a read, not a call.
-        self._responses = stub.Session(iter(self._requests.get, None))
+        self._call = stub.Session()
         self.lifecycle.to(State.IDLE)
+
+    async def invoke(self, batch: Any) -> Any:
+        """Run the invocations of an InvokeBatch, one after the other, over the instance's
+        stream; their responses in order. Raises StreamBroken."""
+        call = self._call
+        if call is None:
+            raise StreamBroken(f"instance {self.id} has no stream")
+        try:
+            await call.write(batch)
+            result = await call.read()
+        except (Exception, asyncio.CancelledError) as exc:   # AioRpcError; CancelledError after cancel()
+            raise StreamBroken(str(exc) or type(exc).__name__) from None
+        if result is grpc.aio.EOF:
+            raise StreamBroken(f"instance {self.id} ended its stream")
+        return result.responses
+
+    def cancel(self) -> None:
+        """End the stream: the invocation waiting on it raises at once."""
+        if self._call is not None:
+            self._call.cancel()
+
+    async def close_stream(self) -> None:
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close()
 
     def _spawn(self, argv: List[str], env: Dict[str, str], status_fd: int, out_fd: int,
                 err_fd: int) -> Any:
@@ -275,7 +286,6 @@ class Instance:
         """Send `first` to the group, give it `grace` seconds, SIGKILL what is left, reap."""
         if self.state is not State.EXITED:
             self.lifecycle.to(State.STOPPING)
-        self._close_channel()
         proc = self.process
         if proc is not None and proc.returncode is None:
             if first is not None:
@@ -311,14 +321,11 @@ class Instance:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def _close_channel(self) -> None:
-        channel, self._channel = self._channel, None
-        if self._responses is not None:
-            self._requests.put(None)
-            self._responses.cancel()
-            self._responses = None
-        if channel is not None:
-            channel.close()
+    def signal_kill(self) -> None:
+        """SIGKILL the process group without reaping (from any thread); the worker reaps it."""
+        proc = self.process
+        if proc is not None and proc.returncode is None:
+            self._signal_group(signal.SIGKILL)
 
     def exit_description(self, wait: float = 1.0) -> str:
         """How the process ended, waiting up to `wait` for it to be gone."""

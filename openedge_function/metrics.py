@@ -1,12 +1,13 @@
 """Prometheus metrics of the daemon, in a registry of its own.
 
 Per invocation the pool calls one observer (a counter and a histogram, both thread-safe); the
-rest (instances by state, queue depth, rule counters, connections, drops) is read from the
-daemon when /metrics is scraped, so it costs the message path nothing.
+rest (instances by state, queue depth, rule counters, connections, drops) is read from the pools,
+rules and publisher the daemon hands over, when /metrics is scraped, so it costs the message
+path nothing.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_created_metrics,
                                generate_latest)
@@ -14,7 +15,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from .hub import Publisher
+    from .pool import Pool
+    from .rules import RuleRunner
+
+Pools = Callable[[], Mapping[str, "Pool"]]
+Rules = Callable[[], Iterable["RuleRunner"]]
 
 disable_created_metrics()   # no *_created series: scrapers only need the counts
 
@@ -23,14 +29,15 @@ _STATES = ("starting", "idle", "busy", "stopping")
 
 
 class Metrics:
-    def __init__(self, daemon: "Daemon") -> None:
+    def __init__(self, pools: Pools, rules: Rules,
+                 publisher: Callable[[], Optional["Publisher"]]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.invocations = Counter("openedge_function_invocations", "Invocations that ran, by outcome "
                                    "(ok, none, or the error type)", ["function", "outcome"],
                                    registry=self.registry)
         self.duration = Histogram("openedge_function_duration_seconds", "Handler run time",
                                   ["function"], buckets=_BUCKETS, registry=self.registry)
-        self.registry.register(_DaemonCollector(daemon))
+        self.registry.register(_DaemonCollector(pools, rules, publisher))
 
     def observer(self, function: str) -> Callable[[str, float], None]:
         """What a pool calls after each invocation: (outcome, seconds)."""
@@ -50,21 +57,22 @@ class Metrics:
 
 
 class _DaemonCollector:
-    def __init__(self, daemon: "Daemon") -> None:
-        self.daemon = daemon
+    """Reads the running configuration's pools, rules and publisher at each scrape."""
+
+    def __init__(self, pools: Pools, rules: Rules, publisher: Callable[[], Any]) -> None:
+        self._pools, self._rules, self._publisher = pools, rules, publisher
 
     def describe(self) -> list:
         return []
 
     def collect(self) -> Iterator:
-        daemon = self.daemon
         instances = GaugeMetricFamily("openedge_function_instances", "Instances by state",
                                       labels=["function", "state"])
         queued = GaugeMetricFamily("openedge_function_queue_depth", "Invocations waiting for an instance",
                                    labels=["function"])
         pool_dropped = CounterMetricFamily("openedge_function_pool_dropped_qos0",
                                            "QoS 0 messages dropped at a full queue", labels=["function"])
-        for name, pool in list(daemon.pools.items()):
+        for name, pool in list(self._pools().items()):
             stats = pool.stats()
             for state in _STATES:
                 instances.add_metric([name, state], stats["states"].get(state, 0))
@@ -80,7 +88,7 @@ class _DaemonCollector:
                                       labels=["rule"])
         connected = GaugeMetricFamily("openedge_function_broker_connected", "1 when the connection to "
                                       "the broker is up", labels=["connection"])
-        for runner in list(daemon.rules):
+        for runner in list(self._rules()):
             stats = runner.stats()
             rule = runner.rule.name
             received.add_metric([rule], stats["received"])
@@ -88,6 +96,7 @@ class _DaemonCollector:
             failed.add_metric([rule], stats["failed"])
             dropped.add_metric([rule], stats["dropped"])
             connected.add_metric([f"rule {rule}"], 1 if runner.intake.connected.is_set() else 0)
-        if daemon.publisher is not None:
-            connected.add_metric(["publisher"], 1 if daemon.publisher.connected.is_set() else 0)
+        publisher = self._publisher()
+        if publisher is not None:
+            connected.add_metric(["publisher"], 1 if publisher.connected.is_set() else 0)
         yield from (instances, queued, pool_dropped, received, published, failed, dropped, connected)

@@ -1,7 +1,8 @@
 """A rule at work: messages of its subscription go to its function's pool; outcomes are published.
 
-The hot path is here and in the pool: no JSON decoding (the runtime does that, on the instance's
-own core), no per-message threads, the payload passed along as paho delivered it.
+The hot path is here and in the pool, all of it on the data plane's loop: no JSON decoding (the
+runtime does that, on the instance's own core), no threads, no locks, the payload passed along as
+paho delivered it.
 
 Every message ends in `_settle`: acknowledged to the broker (QoS 1) once its outcome is published,
 or left unacknowledged for the broker to deliver again when the outcome could not be published.
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import threading
 import time
 import uuid
 from typing import Deque, Dict
@@ -18,10 +18,12 @@ from typing import Deque, Dict
 import paho.mqtt.client as mqtt
 
 from .config import Function, Hub, Rule
+from .dataplane import DataPlane
 from .errors import (FunctionLoadError, HandlerError, InstanceCrashed, InvocationError,
                      MessageTooLarge, Packet, build_envelope, error_of)
 from .hub import Intake, Publisher
-from .pool import Invocation, Outcome, Pool, new_request_id
+from .invocation import Invocation, Outcome, new_request_id
+from .pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +33,10 @@ _NONE, _ERROR = 0, 3   # InvokeResponse.Kind values the dispatcher tells apart
 class RuleRunner:
     """Connects one rule's subscription to its function's pool and publishes the outcomes."""
 
-    def __init__(self, rule: Rule, hub: Hub, function: Function, pool: Pool,
+    def __init__(self, plane: DataPlane, rule: Rule, hub: Hub, function: Function, pool: Pool,
                  publisher: Publisher) -> None:
         self.rule = rule
+        self._plane = plane
         self.publisher = publisher
         if rule.clientid:
             client_id, clean = rule.clientid, hub.clean_session
@@ -41,13 +44,15 @@ class RuleRunner:
             client_id, clean = f"{hub.clientid}-{rule.id}", hub.clean_session
         else:   # no stable identity: a session of its own that the broker forgets
             client_id, clean = f"{hub.clientid}-{rule.index}-{uuid.uuid4().hex[:8]}", True
-        self.intake = Intake(hub, client_id, clean, rule.subscribe.topic, rule.subscribe.qos,
+        self.intake = Intake(plane, hub, client_id, clean, rule.subscribe.topic, rule.subscribe.qos,
                              self._on_message, rule.name)
         self._publish = rule.publish
         self._error = rule.error or rule.publish
         self._retry_max = rule.retry_max
-        self.use(function, pool)
-        self._lock = threading.Lock()
+        self._drop_qos0 = rule.overflow == "drop"
+        self.pool = pool
+        self.function = function
+        self._message_max = function.instance.message_max
         self.pending = 0               # received and not yet settled
         # ordered: topic -> messages waiting for the one of that topic in progress
         self._ordered = rule.ordered
@@ -58,15 +63,39 @@ class RuleRunner:
         self.dropped = 0
 
     def use(self, function: Function, pool: Pool) -> None:
-        """Send the next messages to `pool` (its function changed on reload)."""
+        """Send the next messages to `pool` (its function changed on reload). On the loop."""
         self.function = function
         self._message_max = function.instance.message_max
-        self.pool = pool
+        if pool is not self.pool:
+            self.pool.unwatch(self._on_full)
+            self.pool = pool
+            pool.watch(self._on_full)
 
     def start(self) -> None:
+        """Connect and subscribe; from any thread."""
+        def attach() -> None:
+            self.pool.watch(self._on_full)
+            self.publisher.attach(self.intake)
+        self._plane.call(attach)
         self.intake.start()
 
-    # -- intake (paho's network thread) -----------------------------------------------------
+    def stop(self) -> None:
+        """Disconnect (what is not acknowledged the broker delivers again); from any thread."""
+        def detach() -> None:
+            self.pool.unwatch(self._on_full)
+            self.publisher.detach(self.intake)
+        self._plane.run(detach)
+        self.intake.stop()
+
+    def _on_full(self, full: bool) -> None:
+        if self._drop_qos0 and self.rule.subscribe.qos == 0:
+            return   # only QoS 0 comes: what finds the queue full is dropped, intake never pauses
+        if full:
+            self.intake.pause("pool")
+        else:
+            self.intake.resume("pool")
+
+    # -- intake (on the loop) ------------------------------------------------------------------
 
     def _on_message(self, message: mqtt.MQTTMessage) -> None:
         self.received += 1
@@ -75,8 +104,7 @@ class RuleRunner:
         invocation = Invocation(new_request_id(), message.topic, qos, payload,
                                 int(time.time() * 1000), message.mid, self._done, self._abandon,
                                 (message.retain, message.dup, self.intake.generation))
-        with self._lock:
-            self.pending += 1
+        self.pending += 1
         if len(payload) > self._message_max:
             self._done(invocation, MessageTooLarge(
                 f"the message has {len(payload)} bytes, over the limit of {self._message_max} "
@@ -84,28 +112,21 @@ class RuleRunner:
             return
         if self._ordered and self._wait_turn(invocation):
             return
-        pool = self.pool
-        while not pool.submit(invocation, droppable=qos == 0):
-            if qos == 0 or self.pool is pool:
-                self._drop(invocation)
-                return
-            # A reload replaced the pool while this message waited for room in the old one: it
-            # belongs to the new one (left unacknowledged, nothing would deliver it again).
-            pool = self.pool
+        if not self.pool.submit(invocation, droppable=qos == 0 and self._drop_qos0):
+            self._drop(invocation)
 
     def _wait_turn(self, invocation: Invocation) -> bool:
         """ordered: True when another message of the topic is in progress and this one waits."""
-        with self._lock:
-            waiting = self._waiting.get(invocation.topic)
-            if waiting is None:
-                self._waiting[invocation.topic] = collections.deque()
-                return False
-            if invocation.qos == 0 and len(waiting) >= self.pool.queue_max:
-                self.pending -= 1
-                self.dropped += 1
-                return True
-            waiting.append(invocation)
+        waiting = self._waiting.get(invocation.topic)
+        if waiting is None:
+            self._waiting[invocation.topic] = collections.deque()
+            return False
+        if invocation.qos == 0 and self._drop_qos0 and len(waiting) >= self.pool.queue_max:
+            self.pending -= 1
+            self.dropped += 1
             return True
+        waiting.append(invocation)
+        return True
 
     def _drop(self, invocation: Invocation) -> None:
         """Not taken (saturated QoS 0, or stopping): QoS 1 stays unacknowledged at the broker."""
@@ -116,7 +137,7 @@ class RuleRunner:
                 log.warning("rule %s: function %s is saturated, %d QoS 0 messages dropped so far",
                             self.rule.name, self.function.name, self.dropped)
 
-    # -- outcomes (worker threads) ----------------------------------------------------------
+    # -- outcomes (on the loop) -------------------------------------------------------------------
 
     def _done(self, invocation: Invocation, outcome: Outcome) -> None:
         if isinstance(outcome, InvocationError):
@@ -168,23 +189,18 @@ class RuleRunner:
         """The end of a message here: acknowledge it (QoS 1) and let the next of its topic go."""
         if ack and invocation.qos:
             self.intake.ack(invocation.mid, invocation.qos, invocation.context[2])
-        following = None
-        with self._lock:
-            self.pending -= 1
-            if self._ordered:
-                waiting = self._waiting.get(invocation.topic)
-                if waiting:
-                    following = waiting.popleft()
-                elif waiting is not None:
-                    del self._waiting[invocation.topic]
-        if following is not None:
-            self.pool.push(following)
+        self.pending -= 1
+        if self._ordered:
+            waiting = self._waiting.get(invocation.topic)
+            if waiting:
+                self.pool.push(waiting.popleft())
+            elif waiting is not None:
+                del self._waiting[invocation.topic]
 
     def _abandon(self, invocation: Invocation) -> None:
         """The daemon is stopping: leave the message unacknowledged for the broker to redeliver."""
         log.debug("rule %s: request %s left to the broker", self.rule.name, invocation.request_id)
-        with self._lock:
-            self.pending -= 1
+        self.pending -= 1
 
     def wait_settled(self, timeout: float) -> bool:
         """Wait until every message received has settled; True when they all did."""

@@ -5,6 +5,7 @@ from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
 
+from openedge_function.dataplane import DataPlane
 from tests.helpers import Broker, Collector, DaemonProcess, alive, wait_until, write_handler
 
 
@@ -55,3 +56,12 @@ def collector(broker) -> Iterator[Collector]:
     client = Collector(broker, ["#"])
     yield client
     client.close()
+
+
+@pytest.fixture
+def plane() -> Iterator[DataPlane]:
+    """The data plane's loop, in its thread, for tests of pools and instances without a daemon."""
+    loop = DataPlane()
+    loop.start()
+    yield loop
+    loop.stop()

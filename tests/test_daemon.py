@@ -389,9 +389,29 @@ def test_a_full_queue_pauses_intake_at_qos1_and_loses_nothing(broker, daemon_fac
     assert int(peak) <= 64
 
 
-def test_qos0_beyond_the_queue_is_dropped_and_counted(broker, daemon_factory, collector):
+def test_qos0_beyond_a_full_queue_pauses_intake_and_nothing_is_dropped(broker, daemon_factory, collector):
     daemon = daemon_factory([function("slow", "tools.sleep", instance={"max": 1})],
                             [rule("r1", "in", "slow", "out", qos=0, out_qos=0)], files={"fn/tools.py": TOOLS})
+    count = 300   # past the queue's 64: intake pauses, and the broker holds the rest
+    client = Collector(broker, [])
+    try:
+        for i in range(count):
+            client.client.publish("in", json.dumps({"sleep": 0.005, "seq": i}), 0)
+    finally:
+        time.sleep(0.5)
+        client.close()
+    wait_until(lambda: len(collector.on("out")) >= count, timeout=60, message=f"{count} outputs")
+    assert "pausing intake" in daemon.log()
+    assert daemon.stop() == 0
+    assert re.search(rf"rule r1: received {count}, published {count}, failed 0, dropped 0", daemon.log())
+    [peak] = re.findall(r"function slow: peak queue (\d+)", daemon.log())
+    assert int(peak) <= 64 + 2
+
+
+def test_qos0_beyond_the_queue_is_dropped_and_counted_with_overflow_drop(broker, daemon_factory, collector):
+    daemon = daemon_factory([function("slow", "tools.sleep", instance={"max": 1})],
+                            [rule("r1", "in", "slow", "out", qos=0, out_qos=0, overflow="drop")],
+                            files={"fn/tools.py": TOOLS})
     client = Collector(broker, [])
     try:
         for _ in range(150):

@@ -1,6 +1,7 @@
 """Instances and pools with real runtime processes (handler files written into tmp_path)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
@@ -12,7 +13,8 @@ from openedge_function.config import Function, Instance as Limits
 from openedge_function.errors import FunctionLoadError, InstanceCrashed, InvocationError
 from openedge_function.instance import Instance
 from openedge_function.lifecycle import State
-from openedge_function.pool import Invocation, Pool
+from openedge_function.invocation import Invocation
+from openedge_function.pool import Pool
 from openedge_function.watch import Watcher
 from runtime_python._pb import function_pb2 as pb
 from tests.helpers import alive, wait_until, write_handler
@@ -38,29 +40,41 @@ def make_function(tmp_path, source, handler="main.handler", **limits) -> Functio
     return Function(name="fn", handler=handler, codedir=str(codedir), instance=Limits(**limits))
 
 
-def start(function, rundir, watcher) -> Instance:
+def start(function, rundir, watcher, plane) -> Instance:
+    """Start the process (blocking, as the control threads do) and open its stream on the loop."""
     instance = Instance(function, 1, rundir, watcher, lambda inst: None)
     try:
         instance.start(ready_timeout=30)
     finally:
         if instance.process is not None and instance.state is State.EXITED:
             assert instance.process.returncode is not None   # reaped
+    on_loop(plane, instance.open(30))
     return instance
 
 
-def test_an_instance_serves_on_a_private_unix_socket(tmp_path, rundir, watcher):
+def on_loop(plane, coroutine):
+    return asyncio.run_coroutine_threadsafe(coroutine, plane.loop).result(30)
+
+
+def stop(plane, instance) -> None:
+    on_loop(plane, instance.close_stream())
+    instance.stop()
+
+
+def test_an_instance_serves_on_a_private_unix_socket(tmp_path, rundir, watcher, plane):
     function = make_function(tmp_path, "def handler(event, context):\n    return {'got': event}\n")
-    instance = start(function, rundir, watcher)
+    instance = start(function, rundir, watcher, plane)
     try:
         assert instance.state is State.IDLE
         mode = os.stat(instance.socket_path).st_mode
         assert stat.S_ISSOCK(mode)
         assert stat.S_IMODE(os.stat(rundir).st_mode) == 0o700
-        [response] = instance.invoke(pb.InvokeBatch(requests=[pb.InvokeRequest(request_id="r", payload=b'{"a": 1}')]))
+        [response] = on_loop(plane, instance.invoke(
+            pb.InvokeBatch(requests=[pb.InvokeRequest(request_id="r", payload=b'{"a": 1}')])))
         assert response.kind == pb.InvokeResponse.JSON
         assert json.loads(response.payload) == {"got": {"a": 1}}
     finally:
-        instance.stop()
+        stop(plane, instance)
     assert instance.state is State.EXITED
     assert not alive([instance.pid])
 
@@ -89,19 +103,19 @@ def test_load_failures_say_what_failed_and_why(tmp_path, rundir, watcher, files,
     assert instance.process.returncode == 4   # the runtime's own exit code for load failures
 
 
-def test_packages_and_modules_beside_the_handler_import(tmp_path, rundir, watcher):
+def test_packages_and_modules_beside_the_handler_import(tmp_path, rundir, watcher, plane):
     codedir = tmp_path / "code"
     write_handler(str(codedir / "pkg"), "__init__.py", "")
     write_handler(str(codedir / "pkg"), "entry.py", "from helper import double\n"
                   "def handler(event, context):\n    return double(event['n'])\n")
     write_handler(str(codedir), "helper.py", "def double(n):\n    return 2 * n\n")
     function = Function(name="fn", handler="pkg.entry.handler", codedir=str(codedir))
-    instance = start(function, rundir, watcher)
+    instance = start(function, rundir, watcher, plane)
     try:
-        [response] = instance.invoke(pb.InvokeBatch(requests=[pb.InvokeRequest(payload=b'{"n": 21}')]))
+        [response] = on_loop(plane, instance.invoke(pb.InvokeBatch(requests=[pb.InvokeRequest(payload=b'{"n": 21}')])))
         assert response.payload == b"42"
     finally:
-        instance.stop()
+        stop(plane, instance)
 
 
 def test_an_initializer_that_raises_is_a_load_failure(tmp_path, rundir, watcher):
@@ -131,25 +145,30 @@ class Outcomes:
             self.done[invocation.request_id] = outcome
 
 
-def test_a_crash_answers_instance_crashed_and_the_next_message_gets_a_new_instance(tmp_path, rundir, watcher):
+def test_a_crash_answers_instance_crashed_and_the_next_message_gets_a_new_instance(tmp_path, rundir, watcher,
+                                                                                   plane):
     function = make_function(tmp_path, "import os, signal\n"
                              "def handler(event, context):\n"
                              "    if event.get('how') == 'exit':\n        os._exit(3)\n"
                              "    if event.get('how') == 'segv':\n        os.kill(os.getpid(), signal.SIGSEGV)\n"
                              "    return os.getpid()\n", max=1)
-    pool = Pool(function, rundir, watcher)
+    pool = Pool(plane, function, rundir, watcher)
     outcomes = Outcomes()
+
+    def submit(invocation) -> None:
+        assert plane.run(pool.submit, invocation)
+
     try:
-        pool.submit(outcomes.invocation("a", b'{"how": "exit"}'))
+        submit(outcomes.invocation("a", b'{"how": "exit"}'))
         wait_until(lambda: "a" in outcomes.done, 30, message="the crash to be reported")
         error = outcomes.done["a"]
         assert isinstance(error, InstanceCrashed)
         assert "exited with status 3" in error.message
-        pool.submit(outcomes.invocation("b", b'{"how": "segv"}'))
+        submit(outcomes.invocation("b", b'{"how": "segv"}'))
         wait_until(lambda: "b" in outcomes.done, 30, message="the segfault to be reported")
         assert isinstance(outcomes.done["b"], InstanceCrashed)
         assert "killed by signal SIGSEGV" in outcomes.done["b"].message
-        pool.submit(outcomes.invocation("c", b"{}"))
+        submit(outcomes.invocation("c", b"{}"))
         wait_until(lambda: "c" in outcomes.done, 30, message="a fresh instance to answer")
         assert not isinstance(outcomes.done["c"], InvocationError)
         assert outcomes.done["c"].kind == pb.InvokeResponse.JSON

@@ -13,7 +13,8 @@ import pytest
 
 from openedge_function.config import Function, Instance as Limits
 from openedge_function.errors import FunctionTimeout, InvocationError
-from openedge_function.pool import Invocation, Pool
+from openedge_function.invocation import Invocation
+from openedge_function.pool import Pool
 from openedge_function.watch import Watcher
 from tests.helpers import alive, wait_until, write_handler
 
@@ -47,7 +48,7 @@ def watcher():
 class Harness:
     """A pool of one function, its outcomes, and the runtime processes it started."""
 
-    def __init__(self, tmp_path, watcher, handler: str, **limits) -> None:
+    def __init__(self, tmp_path, watcher, plane, handler: str, **limits) -> None:
         codedir = tmp_path / "code"
         write_handler(str(codedir), "handlers.py", HANDLERS)
         rundir = tmp_path / "run"
@@ -56,7 +57,9 @@ class Harness:
         self.name = f"f{uuid.uuid4().hex[:10]}"
         self.function = Function(name=self.name, handler=handler, codedir=str(codedir),
                                  instance=Limits(**limits))
-        self.pool = Pool(self.function, str(rundir), watcher)
+        self.plane = plane
+        self.pool = Pool(plane, self.function, str(rundir), watcher)
+        plane.run(self.pool.start)   # as the daemon does: min instances at boot
         self.outcomes = {}
         self.finished = {}
         self.lock = threading.Lock()
@@ -66,7 +69,7 @@ class Harness:
         invocation = Invocation(request_id, "t", 1, json.dumps(event).encode(), 0, 1,
                                 self._done, lambda inv: None)
         invocation.context = time.monotonic()
-        assert self.pool.submit(invocation)
+        assert self.plane.run(self.pool.submit, invocation)
 
     def _done(self, invocation, outcome) -> None:
         with self.lock:
@@ -98,11 +101,11 @@ class Harness:
 
 
 @pytest.fixture
-def harness(tmp_path, watcher):
+def harness(tmp_path, watcher, plane):
     made = []
 
     def make(handler: str, **limits) -> Harness:
-        h = Harness(tmp_path / str(len(made)), watcher, handler, **limits)
+        h = Harness(tmp_path / str(len(made)), watcher, plane, handler, **limits)
         made.append(h)
         return h
 
@@ -163,7 +166,6 @@ def test_the_most_recently_idle_instance_is_used_first(harness):
 
 def test_min_instances_start_at_boot_and_a_killed_one_is_replaced(harness):
     h = harness("handlers.pid", min=2, max=3, idletime=0.5)
-    h.pool.maintain()
     first = wait_until(lambda: len(h.processes()) == 2 and h.processes(), message="two warm instances")
     wait_until(lambda: h.pool.stats()["idle"] == 2, message="both ready")
     victim = first[0]
@@ -198,30 +200,25 @@ def test_a_timeout_answers_at_once_and_kills_the_instance(harness, handler):
         assert isinstance(h.wait("next")[0], FunctionTimeout)
 
 
-def test_a_full_queue_blocks_qos1_and_drops_qos0(harness):
+def test_a_full_queue_pauses_intake_and_drops_only_what_may_be_dropped(harness):
     h = harness("handlers.sleepy", max=1)
     h.pool.queue_max = 2
+    signals = []
+    h.plane.run(h.pool.watch, signals.append)
     h.submit("busy", {"sleep": 0.5})
     wait_until(lambda: h.pool.stats()["queued"] == 0 and h.pool.stats()["instances"] == 1,
                message="the first call to start")
     h.submit("q1", {"sleep": 0})
+    assert signals == []
     h.submit("q2", {"sleep": 0})
+    assert signals == [True]   # full: the intakes watching it pause
     dropped = Invocation("drop", "t", 0, b"{}", 0, 0, h._done, lambda inv: None)
-    assert h.pool.submit(dropped, droppable=True) is False
+    assert h.plane.run(h.pool.submit, dropped, True) is False
     assert h.pool.dropped == 1
-    blocked = threading.Event()
-
-    def submit_third() -> None:
-        h.submit("q3", {"sleep": 0})
-        blocked.set()
-
-    thread = threading.Thread(target=submit_third)
-    thread.start()
-    time.sleep(0.2)
-    assert not blocked.is_set()   # intake waits while the queue is full
+    h.submit("q3", {"sleep": 0})   # what was read already is taken, never refused
+    assert h.pool.queue_peak == 3
     h.wait("busy", "q1", "q2", "q3")
-    thread.join(5)
-    assert blocked.is_set() and h.pool.queue_peak == 2
+    assert signals == [True, False]   # room again: intake resumes
     assert "drop" not in h.outcomes
 
 
@@ -245,7 +242,7 @@ def test_a_failed_batch_is_split_so_only_the_guilty_message_fails(harness, caplo
 def test_request_ids_are_distinct_version_4_uuids():
     import uuid
 
-    from openedge_function.pool import new_request_id
+    from openedge_function.invocation import new_request_id
     ids = [new_request_id() for _ in range(10000)]
     assert len(set(ids)) == len(ids)
     for text in ids[:100]:
