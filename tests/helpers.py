@@ -67,6 +67,7 @@ class Broker:
                 persistence_location {directory}/
                 max_queued_messages 100000
                 max_inflight_messages 100
+                set_tcp_nodelay true
                 log_dest file {self.log}
                 """) + ("user root\n" if os.geteuid() == 0 else "") + extra)
 
