@@ -57,7 +57,10 @@ class Worker:
         try:
             await plane.blocking(instance.start, pool.ready_timeout)
             await instance.open(pool.ready_timeout)
-        except InvocationError as exc:
+        except Exception as exc:
+            if not isinstance(exc, InvocationError):   # a fault of ours: still never a stuck pool
+                log.exception("instance %s: start-up failed", instance.id)
+                exc = InstanceCrashed(f"instance {instance.id} could not be started: {exc}")
             await instance.close_stream()
             await plane.blocking(instance.kill)
             pool.start_failed(self, exc)

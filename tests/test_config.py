@@ -307,15 +307,18 @@ def test_delivery_settings(tmp_path):
             publish: {topic: t/out, qos: 1}
             retry: {max: 2}
             ordered: true
+            overflow: drop
         functions:
           - {name: f, handler: main.handler, codedir: fn}
     """)
     assert config.hub.protocol == 5 and config.hub.session_expiry == 7200 and config.hub.buffer_max == 50
     rule = config.rules[0]
     assert rule.retry_max == 2 and rule.ordered and rule.subscribe.topic == "$share/g/t"
+    assert rule.overflow == "drop"
     defaults = load(tmp_path, MINIMAL, "defaults.yml")
     assert defaults.hub.protocol == 4 and defaults.hub.session_expiry == 0xFFFFFFFF
     assert defaults.rules[0].retry_max == 0 and not defaults.rules[0].ordered
+    assert defaults.rules[0].overflow == "pause"   # QoS 0 waits at the broker, as QoS 1 does
 
 
 @pytest.mark.parametrize("text, field, words", [
@@ -324,6 +327,7 @@ def test_delivery_settings(tmp_path):
     ("hub: {buffer: {max: 0}}\n" + textwrap.dedent(MINIMAL), "hub.buffer.max", "below the lower bound 1"),
     (with_rule(retry={"max": 11}), "rules[0].retry.max", "above the upper bound 10"),
     (with_rule(ordered="yes"), "rules[0].ordered", "not true or false"),
+    (with_rule(overflow="block"), "rules[0].overflow", "not one of pause, drop"),
     (with_rule(subscribe={"topic": "$share//t"}), "rules[0].subscribe.topic", "shared subscription"),
 ])
 def test_delivery_setting_errors(tmp_path, text, field, words):
