@@ -209,10 +209,12 @@ class _Connection:
             self._loop.remove_reader(self._sock)
             self._reader = False
 
-    def _pause(self, reason: str) -> None:
+    def pause(self, reason: str) -> None:
+        """Stop reading until `resume(reason)` (on the loop): the function or the publisher is
+        saturated."""
         self._paused.add(reason)
 
-    def _resume(self, reason: str) -> None:
+    def resume(self, reason: str) -> None:
         if reason in self._paused:
             self._paused.discard(reason)
             self._read_again()
@@ -276,13 +278,6 @@ class Intake(_Connection):
     def _message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._received += 1
         self._on_message(message)
-
-    def pause(self, reason: str) -> None:
-        """Stop reading until `resume(reason)` (on the loop): the function is saturated."""
-        self._pause(reason)
-
-    def resume(self, reason: str) -> None:
-        self._resume(reason)
 
     def ack(self, mid: int, qos: int, generation: int) -> None:
         """Acknowledge an input message, if it came on the current connection (a message from an
