@@ -1,5 +1,6 @@
 # openedge-function: `make run` serves the example, `make test` runs the tests.
-PYTHON ?= python3
+# As root, an interpreter the instances' unprivileged users can run (scripts/pick-python.sh).
+PYTHON ?= $(shell bash scripts/pick-python.sh)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= example/etc/application.yml

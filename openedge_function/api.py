@@ -22,17 +22,14 @@ from runtime_python._pb import function_pb2 as pb
 from runtime_python.sdk import CHAIN_HEADER, DEADLINE_HEADER, REQUEST_ID_HEADER
 
 from .config import Function, Server
-from .errors import InvocationError, build_envelope, error_of
+from .calls import (Refused, chain_of, check_size, error_answer, event_answer, find, offer,
+                    timed_out, wait_of)
+from .errors import InvocationError, error_of
 from .invocation import Invocation, new_request_id
 from .pool import Pool
 
 log = logging.getLogger(__name__)
 
-_STATUS = {  # error type -> HTTP status
-    "UnknownFunction": 404, "MessageTooLarge": 413, "QueueFull": 429, "Unauthorized": 401,
-    "FunctionTimeout": 504, "InvokeTimeout": 504, "InvokeDeadlock": 508, "Unavailable": 503,
-    "MethodNotAllowed": 405, "NotAnEventFunction": 400, "NotAnHttpFunction": 400, "NotFound": 404,
-}
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                "trailers", "transfer-encoding", "upgrade"}
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
@@ -42,16 +39,6 @@ _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized
 _CHAIN_KEY = "HTTP_" + CHAIN_HEADER.upper().replace("-", "_")         # as the WSGI environ has them
 _DEADLINE_KEY = "HTTP_" + DEADLINE_HEADER.upper().replace("-", "_")
 _ERROR = pb.InvokeResponse.ERROR
-_NONE = pb.InvokeResponse.NONE
-_JSON = pb.InvokeResponse.JSON
-
-
-class _Refused(InvocationError):
-    """A call answered with an error before any function ran (or without one, at shutdown)."""
-
-    def __init__(self, error_type: str, message: str) -> None:
-        super().__init__(message)
-        self.error_type = error_type
 
 
 class _Call:
@@ -68,7 +55,7 @@ class _Call:
         self.event.set()
 
     def abandon(self, invocation: Invocation) -> None:
-        self.outcome = _Refused("Unavailable", "the daemon is stopping")
+        self.outcome = Refused("Unavailable", "the daemon is stopping")
         self.event.set()
 
 
@@ -94,12 +81,12 @@ class Api:
         method = environ["REQUEST_METHOD"]
         if self._bearer and not hmac.compare_digest(environ.get("HTTP_AUTHORIZATION", "").encode(),
                                                     self._bearer.encode()):
-            return self._error(start_response, _Refused("Unauthorized", "a bearer token is required "
+            return self._error(start_response, Refused("Unauthorized", "a bearer token is required "
                                "(Authorization: Bearer <server.token>)"), "")
         if path.startswith("/invoke/"):
             if method != "POST":
                 return self._error(start_response,
-                                   _Refused("MethodNotAllowed", "use POST /invoke/<function>"), "")
+                                   Refused("MethodNotAllowed", "use POST /invoke/<function>"), "")
             return self._invoke(environ, start_response, path[len("/invoke/"):])
         if path.startswith("/http/"):
             name, _, rest = path[len("/http/"):].partition("/")
@@ -114,7 +101,7 @@ class Api:
         if path == "/status":
             body = json.dumps(self._status(), indent=2).encode()
             return self._reply(start_response, 200, body, "application/json")
-        return self._error(start_response, _Refused("NotFound", f"no such endpoint: {method} {path}"),
+        return self._error(start_response, Refused("NotFound", f"no such endpoint: {method} {path}"),
                            "")
 
     # -- the invoke API ---------------------------------------------------------------------------
@@ -124,10 +111,8 @@ class Api:
             return {"content_type": environ["CONTENT_TYPE"]} if environ.get("CONTENT_TYPE") else {}
 
         def answer(outcome: Any, request_id: str) -> Iterable[bytes]:
-            if outcome.kind == _NONE:
-                return self._reply(start_response, 204, b"", None, request_id)
-            content_type = "application/json" if outcome.kind == _JSON else "application/octet-stream"
-            return self._reply(start_response, 200, outcome.payload, content_type, request_id)
+            status, content_type, body = event_answer(outcome, request_id, name)
+            return self._reply(start_response, status, body, content_type or None, request_id)
 
         return self._serve(environ, start_response, name, "event", environ.get("QUERY_STRING", ""),
                            extra, answer)
@@ -170,13 +155,13 @@ class Api:
         try:
             function, pool = self._function(name, query)
             if function.type != kind:
-                raise (_Refused("NotAnEventFunction", f"function {name!r} is an HTTP function: send "
+                raise (Refused("NotAnEventFunction", f"function {name!r} is an HTTP function: send "
                                 f"requests to /http/{name}/") if kind == "event" else
-                       _Refused("NotAnHttpFunction", f"function {name!r} is not an HTTP function "
+                       Refused("NotAnHttpFunction", f"function {name!r} is not an HTTP function "
                                 f"(type: http): call it with POST /invoke/{name}"))
             body = self._body(environ, function)
             outcome = self._run(pool, function, request_id, body, extra(), environ)
-        except _Refused as refused:
+        except Refused as refused:
             return self._error(start_response, refused, request_id, name)
         if isinstance(outcome, InvocationError):
             return self._error(start_response, outcome, request_id, name)
@@ -187,18 +172,8 @@ class Api:
     # -- shared ------------------------------------------------------------------------------------
 
     def _function(self, name: str, query: str) -> Tuple[Function, Pool]:
-        pool = self._pools().get(name)
-        if pool is None:
-            raise _Refused("UnknownFunction", f"no function named {name!r}")
-        function = pool.function
         params = parse_qs(query)
-        qualifier = params.get("qualifier", [""])[0]
-        namespace = params.get("namespace", [""])[0]
-        if qualifier and qualifier.lstrip("$") not in ("LATEST", function.version, function.alias):
-            raise _Refused("UnknownFunction", f"function {name!r} has no version or alias {qualifier!r}")
-        if namespace and namespace not in ("default", function.package):
-            raise _Refused("UnknownFunction", f"no function named {name!r} in namespace {namespace!r}")
-        return function, pool
+        return find(self._pools(), name, params.get("qualifier", [""])[0], params.get("namespace", [""])[0])
 
     @staticmethod
     def _body(environ: Dict[str, Any], function: Function) -> bytes:
@@ -206,42 +181,24 @@ class Api:
             length = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
             length = 0
-        limit = function.instance.message_max
-        if length > limit:
-            raise _Refused("MessageTooLarge", f"the request body of {length} bytes is over the "
-                           f"limit of {limit} bytes (instance.message.length.max)")
+        check_size(function, length)
         return environ["wsgi.input"].read(length) if length else b""
 
     def _run(self, pool: Pool, function: Function, request_id: str, body: bytes,
              extra: Dict[str, Any], environ: Dict[str, Any]) -> Any:
         """Hand the call to the pool and wait for its outcome."""
-        chain = [part for part in environ.get(_CHAIN_KEY, "").split(",") if part]
+        chain = chain_of(environ.get(_CHAIN_KEY, ""))
         if chain:
             extra["call_chain"] = chain
-        wait: Optional[float] = None
-        deadline_ms = environ.get(_DEADLINE_KEY)
-        if deadline_ms:
-            try:
-                wait = max(0.001, int(deadline_ms) / 1000)
-            except ValueError:
-                wait = None
+        wait = wait_of(environ.get(_DEADLINE_KEY, ""))
         call = _Call()
         invocation = Invocation(request_id, "", 0, body, int(time.time() * 1000), 0, call.done, call.abandon)
         invocation.extra = extra
-        refusal = pool.offer(invocation, callers=chain.count(function.name))
-        if refusal == "deadlock":
-            raise _Refused("InvokeDeadlock", f"function {function.name!r} was called by "
-                           f"{' -> '.join(chain)}, which hold all its {function.instance.max} instances "
-                           "(instance.max) while they wait for this call: it could never run")
-        if refusal == "full":
-            raise _Refused("QueueFull", f"function {function.name!r} has all {function.instance.max} "
-                           f"instances busy and {pool.queue_max} calls queued")
-        if refusal == "closed":
-            raise _Refused("Unavailable", f"function {function.name!r} is being replaced or stopped; retry")
+        offer(pool, invocation, chain)
         if not call.event.wait(wait):
             if pool.withdraw(invocation):
-                raise _Refused("InvokeTimeout", f"no instance of {function.name!r} became free within "
-                               f"the caller's {wait:g}s")
+                assert wait is not None
+                raise timed_out(function, wait)
             # It runs: the pool answers within the function's timeout.
             call.event.wait()
         return call.outcome
@@ -249,8 +206,8 @@ class Api:
     def _error(self, start_response: Callable, error: InvocationError, request_id: str,
                name: str = "") -> Iterable[bytes]:
         """The error envelope (the MQTT one without `packet`), with the status that fits."""
-        return self._reply(start_response, _STATUS.get(error.error_type, 500),
-                           build_envelope(error, request_id, name, None), "application/json", request_id)
+        status, content_type, body = error_answer(error, request_id, name)
+        return self._reply(start_response, status, body, content_type, request_id)
 
     @staticmethod
     def _reply(start_response: Callable, status: int, body: bytes, content_type: Optional[str],

@@ -12,6 +12,7 @@ from . import __version__
 from .config import load_config
 from .daemon import Daemon
 from .errors import ConfigError, ServerError
+from .isolation import plan
 from .sdk import ADDRESS_ENV, DEFAULT_ADDRESS, TOKEN_ENV, Client, InvokeError
 from .logs import setup_logging
 
@@ -34,6 +35,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.workdir)
+        plan(config)   # who each function runs as: a user this daemon cannot switch to is an error
     except ConfigError as exc:
         print(f"openedge-function: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

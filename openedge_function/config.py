@@ -21,7 +21,7 @@ from .errors import ConfigError
 
 __all__ = [
     "AppConfig", "Hub", "Rule", "Subscription", "Publication", "Function", "Instance",
-    "Credentials", "Service",
+    "Credentials", "Service", "Defaults",
     "LoggerConfig", "load_config", "parse_config", "duration", "byte_size",
 ]
 
@@ -234,7 +234,9 @@ class Instance:
     memory: int = 0                 # RSS limit, 0 = unlimited
     message_max: int = 4 << 20
     cpus: Tuple[int, ...] = ()      # CPU affinity (instance.cpu.setcpus), empty = any
-    cpu_share: float = 0.0          # instance.cpu.cpus: reported to handlers, not enforced
+    cpu_share: float = 0.0          # instance.cpu.cpus: a CPU quota where cgroups allow, 0 = none
+    pids: int = 64                  # processes and threads a handler may add (instance.pids)
+    files: int = 1024               # open files of one process (instance.files, RLIMIT_NOFILE)
 
 
 @dataclass(frozen=True)
@@ -277,6 +279,15 @@ class Function:
     account_id: str = ""
     credentials: Credentials = field(default_factory=Credentials)
     service: Service = field(default_factory=Service)
+    user: Optional[str] = None      # run as (a name or a numeric id); default: defaults.user
+    group: Optional[str] = None     # default: defaults.group, else the user's own group
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What applies to every function that does not say otherwise (`defaults:`)."""
+    user: Optional[str] = None
+    group: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -313,6 +324,7 @@ class AppConfig:
     functions: Tuple[Function, ...]
     logger: LoggerConfig
     server: Optional[Server] = None
+    defaults: Defaults = field(default_factory=Defaults)
 
     def function(self, name: str) -> Function:
         for fn in self.functions:
@@ -397,7 +409,11 @@ def load_config(path: str, workdir: Optional[str] = None) -> AppConfig:
 
 
 def parse_config(data: Any, file: str, workdir: str) -> AppConfig:
-    top = _Reader(file, "", data, ("hub", "rules", "functions", "logger", "server"), _MODULE_KEYS)
+    top = _Reader(file, "", data, ("hub", "rules", "functions", "logger", "server", "defaults"),
+                  _MODULE_KEYS)
+    defaults_section = top.section("defaults", ("user", "group"))
+    defaults = Defaults(user=defaults_section.get("user", account("user")),
+                        group=defaults_section.get("group", account("group")))
     hub = _parse_hub(top.section("hub", (
         "address", "clientid", "username", "password", "ca", "cert", "key", "insecureSkipVerify",
         "cleansession", "timeout", "interval", "keepalive", "protocol", "sessionexpiry", "buffer"),
@@ -434,7 +450,7 @@ def parse_config(data: Any, file: str, workdir: str) -> AppConfig:
     if top.data.get("server") is not None:
         server = _parse_server(top.section("server", ("address", "token", "threads", "body")))
     return AppConfig(file=file, hub=hub, rules=tuple(rules), functions=tuple(functions), logger=logger,
-                     server=server)
+                     server=server, defaults=defaults)
 
 
 def _parse_server(r: _Reader) -> Server:
@@ -563,7 +579,8 @@ _MAX = bounded_int(1, 100)
 def _parse_function(file: str, path: str, raw: Any, workdir: str) -> Function:
     r = _Reader(file, path, raw, ("name", "handler", "codedir", "initializer", "runtime", "python",
                                   "env", "instance", "event", "type", "log", "version", "alias", "package",
-                                  "region", "account_id", "credentials", "service"), ("id", "entry"))
+                                  "region", "account_id", "credentials", "service", "user", "group"),
+                ("id", "entry"))
     name = r.get("name", function_name, required=True)
     handler = r.get("handler", entry_point, required=True)
     codedir_text = r.get("codedir", string, ".")
@@ -603,7 +620,7 @@ def _parse_function(file: str, path: str, raw: Any, workdir: str) -> Function:
         initializer=initializer, initializer_timeout=initializer_timeout,
         runtime=runtime, python=python, env=env,
         instance=_parse_instance(r.section("instance", (
-            "min", "max", "idletime", "timeout", "memory", "cpu", "pids", "message"))),
+            "min", "max", "idletime", "timeout", "memory", "cpu", "pids", "files", "message"))),
         event=r.get("event", one_of("openedge", "raw"), "openedge"),
         type=r.get("type", one_of("event", "http"), "event"),
         log_max=r.section("log", ("max",)).get("max", byte_size, 4096),
@@ -621,6 +638,8 @@ def _parse_function(file: str, path: str, raw: Any, workdir: str) -> Function:
             qualifier=service.get("qualifier", string, "LATEST"),
             version_id=service.get("version_id", string, ""),
         ),
+        user=r.get("user", account("user")),
+        group=r.get("group", account("group")),
     )
 
 
@@ -641,13 +660,44 @@ def _parse_instance(r: _Reader) -> Instance:
     cpu = r.section("cpu", ("setcpus", "cpus"))
     cpus = cpu.get("setcpus", _cpu_list, ())
     cpu_share = cpu.get("cpus", _positive_float, 0.0)
-    r.section("pids", (), ("limit",))
+    pids_value = r.data.get("pids")
+    if isinstance(pids_value, dict):   # OpenEdge: pids: {limit: 10}
+        pids = r.section("pids", ("limit",)).get("limit", _PIDS, 64)
+    else:
+        pids = r.get("pids", _PIDS, 64)
+    files = r.get("files", _FILES, 1024)
     message = r.section("message", ("length",)).section("length", ("max",))
     message_max = message.get("max", byte_size, 4 << 20)
     if message_max < 1:
         raise message.fail("max", "must be above 0")
     return Instance(min=low, max=high, idletime=r.get("idletime", duration, 600.0), timeout=timeout,
-                    memory=memory, message_max=message_max, cpus=cpus, cpu_share=cpu_share)
+                    memory=memory, message_max=message_max, cpus=cpus, cpu_share=cpu_share,
+                    pids=pids, files=files)
+
+
+# Below this a Python instance with its gRPC server cannot start.
+_PIDS = bounded_int(1, 1 << 22)
+_FILES = bounded_int(64, 1 << 20)
+
+
+def account(kind: str) -> Callable[[Any], str]:
+    """A user or group: a name that exists on this machine, or a numeric id."""
+    def convert(value: Any) -> str:
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+            raise ValueError(f"expected a {kind} name or a numeric id, got {_show(value)}")
+        text = str(value)
+        if text.isdigit():
+            return text
+        import grp
+        import pwd
+        try:
+            (pwd.getpwnam if kind == "user" else grp.getgrnam)(text)
+        except KeyError:
+            raise ValueError(f"no {kind} named {text!r} on this machine"
+                             + (" (make one with: useradd --system --no-create-home "
+                                f"--shell /usr/sbin/nologin {text})" if kind == "user" else "")) from None
+        return text
+    return convert
 
 
 def _positive_float(value: Any) -> float:

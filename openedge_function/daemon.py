@@ -18,17 +18,19 @@ import dataclasses
 import logging
 import os
 import select
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
-from .config import AppConfig, Hub, Rule, Server, load_config
+from .calls import Calls
+from .cgroups import Cgroups, detect
+from .config import AppConfig, Function, Hub, Rule, Server, load_config
 from .dataplane import DataPlane
 from .errors import ConfigError, ServerError
 from .hub import Publisher
+from .isolation import RunAs, RunDir, plan, warn_readable_secrets
+from .journal import Journal, journal_path
 from .logs import setup_logging
 from .pool import Pool
 from .rules import RuleRunner
@@ -60,15 +62,18 @@ class Daemon:
         self._signals: List[int] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        self._rundir: Optional[str] = None
+        self._rundir: Optional[RunDir] = None
+        self._cgroups: Optional[Cgroups] = None
+        self._users: Dict[str, RunAs] = {}
+        self._journal: Optional[Journal] = None
         self._watcher: Optional[Watcher] = None
         self._template: Optional[Template] = None
         self._reaped_at = 0.0
         self.metrics: Optional["Metrics"] = None
         self.http: Optional["HttpServer"] = None
-        self._runtime_env: Dict[str, str] = {}
         self.started_at = time.time()
         self.plane = DataPlane()
+        self.calls = Calls(self.plane, lambda: self.pools)   # context.invoke, without the server
 
     # -- signals: the handlers only queue -----------------------------------------------------
 
@@ -94,8 +99,25 @@ class Daemon:
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._queue_signal)
-        # Instances listen in a private directory (mkdtemp makes it 0700).
-        self._rundir = tempfile.mkdtemp(prefix="openedge-function-")
+        warn_readable_secrets(self.config)
+        try:
+            self._journal = Journal(journal_path(self.workdir))
+        except OSError as exc:
+            log.warning("no in-flight journal (%s): a message that crashes the daemon is not "
+                        "recognised at the next start", exc)
+        self._users = plan(self.config)
+        # Instances listen in private directories, one per pool, in the run directory.
+        self._rundir = RunDir()
+        # Before any child: under cgroup v2 the daemon moves itself into a group of its own.
+        self._cgroups, why = detect()
+        if self._cgroups is not None:
+            log.info("instances get control groups (%s): memory, pids%s", self._cgroups.describe(),
+                     ", cpu" if self._cgroups.cpu else "")
+        else:
+            log.warning("instances get no control groups (%s): memory limits are polled, and "
+                        "rlimits bound processes and address space instead", why)
+        for name, who in self._users.items():
+            log.info("function %s runs as %s", name, who)
         self._watcher = Watcher()
         self.plane.start()
         # Instances are forks of a template that has imported the runtime already; they come back
@@ -120,7 +142,11 @@ class Daemon:
             self.plane.stop()
             if self._watcher is not None:
                 self._watcher.close()
-            shutil.rmtree(self._rundir, ignore_errors=True)
+            if self._cgroups is not None:
+                self._cgroups.close()
+            if self._journal is not None:
+                self._journal.close()
+            self._rundir.close()
 
     def _start(self) -> None:
         config = self.config
@@ -139,10 +165,8 @@ class Daemon:
             runner.start()
 
     def _serve(self, server: Server) -> None:
-        """Bind the HTTP server (it serves once the pools exist) and tell instances where it is."""
+        """Bind the HTTP server (it serves once the pools exist)."""
         # Imported only with a server: a daemon without one doesn't carry them.
-        from runtime_python.sdk import ADDRESS_ENV, TOKEN_ENV
-
         from .api import Api, HttpServer
         from .metrics import Metrics
         self.metrics = Metrics(lambda: self.pools, lambda: self.rules, lambda: self.publisher)
@@ -152,11 +176,6 @@ class Daemon:
         except OSError as exc:
             raise ServerError(f"server.address: cannot listen on {server.address}: {exc.strerror or exc}") \
                 from None
-        address = f"127.0.0.1:{self.http.port}" if server.host in ("0.0.0.0", "::", "") else \
-            server.address.rsplit(":", 1)[0] + f":{self.http.port}"
-        self._runtime_env = {ADDRESS_ENV: address}
-        if server.token:
-            self._runtime_env[TOKEN_ENV] = server.token
         log.info("HTTP server on http://%s:%d%s", server.host, self.http.port,
                  "" if server.token else " without a token: it only accepts loopback addresses "
                  "(set server.token to listen beyond)")
@@ -206,17 +225,19 @@ class Daemon:
             log.warning("publisher: no connection to %s yet; starting anyway", hub.address)
         return publisher
 
-    def _pool(self, function) -> Pool:
+    def _pool(self, function: Function) -> Pool:
         assert self._rundir is not None and self._watcher is not None
-        pool = Pool(self.plane, function, self._rundir, self._watcher, template=self._template,
-                    runtime_env=self._runtime_env)
+        sandbox = self._rundir.home(function, self._users[function.name], self._cgroups)
+        pool = Pool(self.plane, function, sandbox, self._watcher, template=self._template)
+        pool.on_call = self.calls.handle
         if self.metrics is not None:
             pool.observe = self.metrics.observer(function.name)
         return pool
 
     def _runner(self, rule: Rule, config: AppConfig, pools: Dict[str, Pool], publisher: Publisher) -> RuleRunner:
         function = config.function(rule.function)
-        return RuleRunner(self.plane, rule, config.hub, function, pools[function.name], publisher)
+        return RuleRunner(self.plane, rule, config.hub, function, pools[function.name], publisher,
+                          self._journal)
 
     def _loop(self) -> None:
         while True:
@@ -247,6 +268,7 @@ class Daemon:
     def _reload(self) -> None:
         try:
             new = load_config(self.config.file, self.workdir)
+            users = plan(new)
         except ConfigError as exc:
             log.error("SIGHUP: the new configuration is refused, the running one stays: %s", exc)
             return
@@ -260,10 +282,11 @@ class Daemon:
         publisher = self.publisher if new.hub == old.hub else self._publisher(new.hub)
         retired_publisher = None if publisher is self.publisher else self.publisher
 
+        self._users = users
         pools: Dict[str, Pool] = {}
         for function in new.functions:
             pool = self.pools.get(function.name)
-            if pool is not None and pool.function == function:
+            if pool is not None and pool.function == function and pool.sandbox.who == users[function.name]:
                 pools[function.name] = pool
             else:
                 pools[function.name] = self._pool(function)

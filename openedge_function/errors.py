@@ -74,6 +74,11 @@ class MemoryLimitExceeded(InvocationError):
     error_type = "MemoryLimitExceeded"
 
 
+class PoisonMessage(InvocationError):
+    """In flight at each of the daemon's last crashes: answered instead of run again."""
+    error_type = "PoisonMessage"
+
+
 class InstanceCrashed(InvocationError):
     error_type = "InstanceCrashed"
 
@@ -132,3 +137,11 @@ def build_envelope(error: InvocationError, request_id: str, function_name: str,
     if packet is not None:
         envelope["packet"] = packet.as_dict()
     return json.dumps(envelope, ensure_ascii=False).encode("utf-8")
+
+
+# The HTTP status that answers each error type (the invoke API, and calls between functions).
+HTTP_STATUS = {
+    "UnknownFunction": 404, "MessageTooLarge": 413, "QueueFull": 429, "Unauthorized": 401,
+    "FunctionTimeout": 504, "InvokeTimeout": 504, "InvokeDeadlock": 508, "Unavailable": 503,
+    "MethodNotAllowed": 405, "NotAnEventFunction": 400, "NotAnHttpFunction": 400, "NotFound": 404,
+}

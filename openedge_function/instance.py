@@ -14,13 +14,14 @@ import itertools
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import grpc
 import grpc.aio
@@ -28,10 +29,13 @@ import grpc.aio
 from runtime_python._pb import function_pb2 as pb
 from runtime_python._pb import function_pb2_grpc as pb_grpc
 from runtime_python.output import MARK, SEPARATOR
+from runtime_python.server import KEY_HEADER
 
+from .cgroups import Group
 from .config import Function
 from .environment import RUNTIME_ROOT, base_environment
 from .errors import FunctionLoadError, InstanceCrashed
+from .isolation import Sandbox
 from .lifecycle import Lifecycle, State, describe_exit
 from .template import ForkedProcess, Template, disown, forkable, own
 from .watch import LineSplitter, Watcher
@@ -48,6 +52,10 @@ _CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 0),
     ("grpc.http2.bdp_probe", 0),
 ]
+
+
+# Threads of the runtime itself (main, lifeline, gRPC's), on top of what instance.pids allows a handler.
+RUNTIME_TASKS = 16
 
 
 class StreamBroken(Exception):
@@ -84,16 +92,22 @@ def function_spec(function: Function) -> Dict[str, Any]:
 class Instance:
     """A runtime process and the gRPC client that talks to it; one invocation at a time."""
 
-    def __init__(self, function: Function, seq: int, rundir: str, watcher: Watcher,
-                 on_lost: Callable[["Instance"], None], template: Optional[Template] = None,
-                 runtime_env: Optional[Dict[str, str]] = None) -> None:
+    def __init__(self, function: Function, seq: int, sandbox: Union[str, Sandbox], watcher: Watcher,
+                 on_lost: Callable[["Instance"], None], template: Optional[Template] = None) -> None:
         self.function = function
         self._template = template
-        self._runtime_env = runtime_env or {}
         self.id = f"{function.name}-{seq}"
         self.lifecycle = Lifecycle()
+        # A directory alone (tests): the instance runs as the daemon's user, without cgroups.
+        self.sandbox = sandbox if isinstance(sandbox, Sandbox) else Sandbox.make(sandbox, function)
         # Socket names are unique across every pool of the daemon: a reused path would be taken over.
-        self.socket_path = os.path.join(rundir, f"{next(_SOCKETS)}.sock")
+        self.socket_path = os.path.join(self.sandbox.path, f"{next(_SOCKETS)}.sock")
+        self.cgroup: Optional[Group] = None
+        self._key = secrets.token_hex(16)   # the instance serves only calls that carry it
+        self._status_out: Optional[socket.socket] = None   # our end of its status socket, for replies
+        self._status_lock = threading.Lock()
+        self.on_call: Optional[Callable[[Dict[str, Any], Callable[[Dict[str, Any]], None]], None]] = None
+        self._metadata = ((KEY_HEADER, self._key),)
         self.process: Any = None   # a subprocess.Popen or a ForkedProcess
         self.lost = threading.Event()          # its status socket closed: the process is going
         self.memory_exceeded: Optional[int] = None   # RSS that got it killed
@@ -121,43 +135,57 @@ class Instance:
     def start(self, ready_timeout: float) -> None:
         """Spawn the runtime and wait until it has loaded the handler and serves (blocking).
         Raises FunctionLoadError or InstanceCrashed."""
-        fn = self.function
+        fn, sandbox = self.function, self.sandbox
+        limits = fn.instance
         ours, theirs = socket.socketpair()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        argv = [
-            "--function", fn.name, "--handler", fn.handler, "--codedir", fn.codedir,
-            "--socket", self.socket_path, "--instance-id", self.id,
-            "--status-fd", str(theirs.fileno()), "--parent-pid", str(os.getpid()),
-            "--timeout-ms", str(int(fn.instance.timeout * 1000)),
-        ]
-        if fn.initializer:
-            argv += ["--initializer", fn.initializer]
+        # Names only, so that `ps` tells instances apart; the rest travels in the spec.
+        argv = ["--function", fn.name, "--instance-id", self.id, "--status-fd", str(theirs.fileno()),
+                "--parent-pid", str(os.getpid())]
         env = instance_environment(fn, self.id)
-        env.update(self._runtime_env)
+        for key in ("TMPDIR", "HOME"):
+            if key not in fn.env:
+                env[key] = sandbox.tmp
+        if sandbox.cgroups is not None:
+            try:
+                self.cgroup = sandbox.cgroups.group(self.id, limits.memory, limits.pids + RUNTIME_TASKS,
+                                                    limits.cpu_share)
+            except OSError as exc:
+                log.warning("instance %s: cannot make its control group (%s); it runs without",
+                            self.id, exc)
         try:
             self.process = self._spawn(argv, env, theirs.fileno(), out_w, err_w)
+            if self.cgroup is not None:
+                self.cgroup.add(self.process.pid)   # before it reads its spec: no handler code yet
         except OSError as exc:
             for fd in (out_r, err_r):
                 os.close(fd)
             ours.close()
+            if self.process is not None:
+                self._end(None, 0.0)
             self.lifecycle.to(State.EXITED)
-            raise InstanceCrashed(f"instance {self.id}: cannot start {fn.python or sys.executable}: "
-                                  f"{exc}") from None
+            self._remove_cgroup()
+            python = fn.python or sys.executable
+            if isinstance(exc, PermissionError) and sandbox.who.switches:
+                raise FunctionLoadError(f"{python} cannot be run by {sandbox.who}: {exc.strerror}; "
+                                        "install Python where the function's user can run it") from None
+            raise InstanceCrashed(f"instance {self.id}: cannot start {python}: {exc}") from None
         finally:
             theirs.close()
             os.close(out_w)
             os.close(err_w)
         log.debug("instance %s: started pid %s", self.id, self.process.pid)
-        if fn.instance.cpus:
+        if limits.cpus:
             try:
-                os.sched_setaffinity(self.process.pid, fn.instance.cpus)
+                os.sched_setaffinity(self.process.pid, limits.cpus)
             except OSError as exc:
-                log.warning("instance %s: cannot pin to CPUs %s: %s", self.id, fn.instance.cpus, exc)
+                log.warning("instance %s: cannot pin to CPUs %s: %s", self.id, limits.cpus, exc)
         try:
-            ours.sendall(json.dumps({"spec": function_spec(fn)}).encode("utf-8") + b"\n")
+            ours.sendall(json.dumps(self._spec(env)).encode("utf-8") + b"\n")
         except OSError:
             pass   # it died already: the status socket's end-of-file says so below
+        self._status_out = socket.socket(fileno=os.dup(ours.fileno()))
         # From here on the watcher owns these descriptors and closes them at end-of-file.
         status = LineSplitter(self._on_status_line)
         self._watcher.add(ours.detach(), lambda chunk: self._on_status(status, chunk))
@@ -190,11 +218,11 @@ class Instance:
         self._channel = grpc.aio.insecure_channel(f"unix:{self.socket_path}", options=_CHANNEL_OPTIONS)
         stub = pb_grpc.FunctionStub(self._channel)
         try:
-            await stub.Ping(pb.PingRequest(), timeout=max(5.0, ready_timeout))
+            await stub.Ping(pb.PingRequest(), timeout=max(5.0, ready_timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise InstanceCrashed(f"instance {self.id} does not answer: {exc.code().name}") from None
         # One stream for the instance's life: a message costs a write and a read, not a call.
-        self._call = stub.Session()
+        self._call = stub.Session(metadata=self._metadata)
         self.lifecycle.to(State.IDLE)
 
     async def invoke(self, batch: Any) -> Any:
@@ -225,21 +253,43 @@ class Instance:
         if channel is not None:
             await channel.close()
 
+    def _spec(self, env: Dict[str, str]) -> Dict[str, Any]:
+        """What the runtime reads first from its status socket: what it runs, as whom, within
+        which limits, and what its context reports."""
+        fn, who, limits = self.function, self.sandbox.who, self.function.instance
+        grouped = self.cgroup is not None
+        return {"spec": {
+            **function_spec(fn), "key": self._key,
+            "start": {"function": fn.name, "handler": fn.handler, "initializer": fn.initializer,
+                      "codedir": fn.codedir, "socket": self.socket_path, "instance_id": self.id,
+                      "timeout_ms": int(limits.timeout * 1000)},
+            "process": {
+                "uid": who.uid, "gid": who.gid, "user": who.name, "env": env, "codedir": fn.codedir,
+                "files": limits.files,
+                # Without a group, rlimits stand in: processes of the user (all its instances)...
+                "nproc": (limits.pids + RUNTIME_TASKS) * limits.max if not grouped and who.switches else 0,
+                # ... and address space, a coarse stand-in for memory (polling still applies).
+                "address_space": limits.memory if not grouped else 0,
+            },
+        }}
+
     def _spawn(self, argv: List[str], env: Dict[str, str], status_fd: int, out_fd: int,
-                err_fd: int) -> Any:
-        """A fork of the template when the function allows it, else a fresh interpreter."""
-        fn = self.function
+               err_fd: int) -> Any:
+        """A fork of the template when the function allows it, else a fresh interpreter (as the
+        function's user from its first instruction)."""
+        fn, who = self.function, self.sandbox.who
         if self._template is not None and forkable(fn):
             try:
-                pid = self._template.spawn(argv, fn.codedir, env, (status_fd, out_fd, err_fd), self.id)
+                pid = self._template.spawn(argv, (status_fd, out_fd, err_fd), self.id)
                 return ForkedProcess(pid, argv)
             except (OSError, ValueError) as exc:
                 log.warning("instance %s: the template cannot fork it (%s); starting a new "
                             "interpreter", self.id, exc)
+        user = {"user": who.uid, "group": who.gid, "extra_groups": []} if who.switches else {}
         process = subprocess.Popen(
-            [fn.python or sys.executable, "-m", "runtime_python"] + argv, cwd=fn.codedir, env=env,
+            [fn.python or sys.executable, "-m", "runtime_python"] + argv, cwd="/", env=env,
             stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd,
-            pass_fds=(status_fd,), start_new_session=True,
+            pass_fds=(status_fd,), start_new_session=True, **user,
         )
         own(process.pid)
         return process
@@ -258,11 +308,25 @@ class Instance:
         except ValueError:
             log.warning("instance %s: unreadable status line %r", self.id, line)
             return
+        if "call" in message:   # context.invoke: another function, run for this one
+            if self.on_call is not None:
+                self.on_call(message, self._reply)
+            return
         if "load_error" in message:
             self._load_error = message["load_error"]
         self._loaded.set()
         if "loaded" not in message:
             self._ready.set()
+
+    def _reply(self, message: Dict[str, Any]) -> None:
+        """Answer a call on the status socket (blocking; from a control thread)."""
+        data = json.dumps(message).encode("utf-8") + b"\n"
+        with self._status_lock:
+            if self._status_out is not None:
+                try:
+                    self._status_out.sendall(data)
+                except OSError:
+                    pass   # the instance is gone; so is its caller
 
     def _on_output(self, line: str, level: int) -> None:
         if line.startswith(MARK):
@@ -298,7 +362,28 @@ class Instance:
             proc.wait()
         if proc is not None:
             disown(proc.pid)
+        with self._status_lock:
+            status, self._status_out = self._status_out, None
+        if status is not None:
+            status.close()
+        self._remove_cgroup()
         self.lifecycle.to(State.EXITED)
+
+    def _remove_cgroup(self) -> None:
+        """Kill what is left in the group (a subprocess that left the process group) and remove it."""
+        group, self.cgroup = self.cgroup, None
+        if group is not None:
+            self.oom_peak()   # read before the group goes
+            group.kill()
+            group.remove()
+
+    def oom_peak(self) -> Optional[int]:
+        """The group's peak memory if the kernel killed in it for memory, else None; it then also
+        counts as memory_exceeded."""
+        group = self.cgroup
+        if self.memory_exceeded is None and group is not None and group.memory and group.oom_kills():
+            self.memory_exceeded = group.peak() or group.memory
+        return self.memory_exceeded
 
     def _exited_within(self, seconds: float) -> bool:
         """Wait for the process to exit without reaping it (its group id stays ours)."""

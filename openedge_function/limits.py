@@ -1,4 +1,5 @@
-"""The memory limit, enforced by polling: resident memory of an instance and its subprocesses.
+"""The memory limit, enforced by polling where the kernel does not (an instance without a memory
+control group): resident memory of an instance and its subprocesses.
 
 Runs on the daemon's own thread (psutil reads /proc, which the data plane's loop must not wait
 for); it only flags and signals the instance. Its worker, on the loop, sees the stream break and
@@ -24,6 +25,9 @@ def enforce_memory(instances: Iterable[Instance], limit: int) -> None:
     for instance in instances:
         if instance.state not in (State.IDLE, State.BUSY) or instance.pid is None:
             continue
+        group = instance.cgroup
+        if group is not None and group.memory:
+            continue   # the kernel stops it at the limit
         rss = tree_rss(instance.pid)
         if rss > limit:
             log.warning("instance %s: %d MB resident, over its limit of %d MB: killing it",

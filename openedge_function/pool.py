@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, List, Optional, Set, Union
 
 from .backlog import Backlog, BatchSizer
 from .config import Function
@@ -23,6 +23,7 @@ from .dataplane import DataPlane
 from .errors import InvocationError
 from .instance import Instance
 from .invocation import Invocation
+from .isolation import Sandbox
 from .lifecycle import State
 from .limits import enforce_memory
 from .template import Template
@@ -38,14 +39,13 @@ _TICK = 0.05   # seconds between checks of deadlines, idle instances and `min`
 class Pool:
     """The instances of one function, and the invocations waiting for them."""
 
-    def __init__(self, plane: DataPlane, function: Function, rundir: str, watcher: Watcher,
-                 queue_max: int = 0, template: Optional[Template] = None,
-                 runtime_env: Optional[Dict[str, str]] = None) -> None:
+    def __init__(self, plane: DataPlane, function: Function, sandbox: Union[str, Sandbox], watcher: Watcher,
+                 queue_max: int = 0, template: Optional[Template] = None) -> None:
         self.plane = plane
         self.function = function
         self._template = template
-        self._runtime_env = runtime_env or {}
-        self._rundir = rundir
+        # A directory alone (tests): instances run as the daemon's user, without cgroups.
+        self.sandbox = sandbox if isinstance(sandbox, Sandbox) else Sandbox.make(sandbox, function)
         self._watcher = watcher
         limits = function.instance
         self._min, self._max = limits.min, limits.max
@@ -69,6 +69,8 @@ class Pool:
         self._held_at = float("-inf")
         self._tick: Optional[object] = None
         self.dropped = 0
+        # Answers its instances' calls to other functions (context.invoke): the daemon's Calls.
+        self.on_call: Optional[Callable[[dict, Callable[[dict], None]], None]] = None
         # Called with (outcome, seconds) after each invocation that ran: the daemon's metrics.
         self.observe: Optional[Callable[[str, float], None]] = None
 
@@ -187,8 +189,9 @@ class Pool:
             wanted = min(wanted, 1 - self._starting)
         for _ in range(max(0, min(wanted, self._max - len(self._workers)))):
             self._seq += 1
-            instance = Instance(self.function, self._seq, self._rundir, self._watcher, self._on_lost,
-                                self._template, self._runtime_env)
+            instance = Instance(self.function, self._seq, self.sandbox, self._watcher, self._on_lost,
+                                self._template)
+            instance.on_call = self.on_call
             worker = Worker(self, instance)
             self._workers.add(worker)
             self._starting += 1
@@ -334,11 +337,16 @@ class Pool:
                 worker.instance.signal_kill()
 
     def join(self, timeout: float) -> bool:
-        """Wait for every worker to end; True when they all did."""
+        """Wait for every worker to end; True when they all did (and the pool's directory, its
+        sockets and temporary files, is gone)."""
         deadline = time.monotonic() + timeout
         while self._workers and time.monotonic() < deadline:
             time.sleep(0.01)
-        return not self._workers
+        if self._workers:
+            return False
+        if self._closed:
+            self.sandbox.remove()
+        return True
 
     # -- reading (any thread) ----------------------------------------------------------------------
 

@@ -13,16 +13,17 @@ import collections
 import logging
 import time
 import uuid
-from typing import Deque, Dict
+from typing import Deque, Dict, Optional
 
 import paho.mqtt.client as mqtt
 
 from .config import Function, Hub, Rule
 from .dataplane import DataPlane
 from .errors import (FunctionLoadError, HandlerError, InstanceCrashed, InvocationError,
-                     MessageTooLarge, Packet, build_envelope, error_of)
+                     MessageTooLarge, Packet, PoisonMessage, build_envelope, error_of)
 from .hub import Intake, Publisher
 from .invocation import Invocation, Outcome, new_request_id
+from .journal import CRASHES, Journal, key
 from .pool import Pool
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,9 @@ class RuleRunner:
     """Connects one rule's subscription to its function's pool and publishes the outcomes."""
 
     def __init__(self, plane: DataPlane, rule: Rule, hub: Hub, function: Function, pool: Pool,
-                 publisher: Publisher) -> None:
+                 publisher: Publisher, journal: Optional[Journal] = None) -> None:
         self.rule = rule
+        self._journal = journal
         self._plane = plane
         self.publisher = publisher
         if rule.clientid:
@@ -105,6 +107,18 @@ class RuleRunner:
                                 int(time.time() * 1000), message.mid, self._done, self._abandon,
                                 (message.retain, message.dup, self.intake.generation))
         self.pending += 1
+        journal = self._journal
+        if qos and journal is not None:
+            digest = key(self.rule.name, message.topic, payload)
+            if journal.poison and journal.poisoned(digest):
+                log.error("rule %s: the message on %s (request %s) was in flight at each of the last "
+                          "%d crashes of the daemon: answered with PoisonMessage, not run",
+                          self.rule.name, message.topic, invocation.request_id, CRASHES)
+                self._fail(invocation, PoisonMessage(
+                    f"this message was in flight at each of the last {CRASHES} crashes of the daemon; "
+                    f"function {self.function.name} does not run it again"))
+                return
+            invocation.slot = journal.add(digest)
         if len(payload) > self._message_max:
             self._done(invocation, MessageTooLarge(
                 f"the message has {len(payload)} bytes, over the limit of {self._message_max} "
@@ -189,6 +203,8 @@ class RuleRunner:
         """The end of a message here: acknowledge it (QoS 1) and let the next of its topic go."""
         if ack and invocation.qos:
             self.intake.ack(invocation.mid, invocation.qos, invocation.context[2])
+        if invocation.slot >= 0:
+            self._forget(invocation)
         self.pending -= 1
         if self._ordered:
             waiting = self._waiting.get(invocation.topic)
@@ -200,7 +216,14 @@ class RuleRunner:
     def _abandon(self, invocation: Invocation) -> None:
         """The daemon is stopping: leave the message unacknowledged for the broker to redeliver."""
         log.debug("rule %s: request %s left to the broker", self.rule.name, invocation.request_id)
+        if invocation.slot >= 0:
+            self._forget(invocation)
         self.pending -= 1
+
+    def _forget(self, invocation: Invocation) -> None:
+        assert self._journal is not None
+        self._journal.remove(invocation.slot)
+        invocation.slot = -1
 
     def wait_settled(self, timeout: float) -> bool:
         """Wait until every message received has settled; True when they all did."""

@@ -156,10 +156,10 @@ class Template:
         self._control = ours
         return ours
 
-    def spawn(self, argv: List[str], cwd: str, env: Dict[str, str], fds: Sequence[int], name: str) -> int:
+    def spawn(self, argv: List[str], fds: Sequence[int], name: str) -> int:
         """Fork an instance running the runtime with `argv`; its pid. Raises OSError when the
         template cannot (the caller starts the instance afresh instead)."""
-        request = json.dumps({"argv": argv, "cwd": cwd, "env": env, "name": name}).encode("utf-8")
+        request = json.dumps({"argv": argv, "name": name}).encode("utf-8")
         with self._lock:
             if time.monotonic() < self._resting_until:
                 raise OSError("the template failed moments ago")

@@ -149,7 +149,7 @@ class Worker:
     async def _failure_of(self, invocation: Invocation) -> "tuple[InvocationError, int]":
         """Why a call got no answer, and the memory it was seen to use."""
         instance, limits = self.instance, self.pool.function.instance
-        if instance.memory_exceeded is not None:
+        if instance.oom_peak() is not None:
             return MemoryLimitExceeded(
                 f"instance {instance.id} used {instance.memory_exceeded >> 20} MB, over its "
                 f"limit of {limits.memory >> 20} MB, and was killed"), instance.memory_exceeded

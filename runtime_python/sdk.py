@@ -3,8 +3,8 @@ SDK: `Client(...).invoke('FuncInvoked', data={...})`, `client.FuncInvoked(data=.
 `InvokeError` with `code`, `message`, `request_id`, `response`, `stack_trace` and their getters.
 
 Standard library only, so it runs inside any instance; `openedge_function.sdk` is the same module
-under the daemon's name. Inside a function, `Client()` needs no arguments: the daemon puts its
-address and token in the instance's environment.
+under the daemon's name. Inside a function, `Client()` needs no arguments and no server: its calls
+travel over the instance's own channel to the supervisor (runtime_python.channel).
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import socket
 import threading
 from typing import Any, Dict, Optional, Sequence
 from urllib.parse import quote, urlencode
+
+from runtime_python import channel
 
 ADDRESS_ENV = "OPENEDGE_FUNCTION_ADDRESS"
 TOKEN_ENV = "OPENEDGE_FUNCTION_TOKEN"
@@ -72,6 +74,8 @@ class Client:
     def __init__(self, address: Optional[str] = None, token: Optional[str] = None,
                  timeout: Optional[float] = None, region: Optional[str] = None,
                  secret_id: Optional[str] = None, secret_key: Optional[str] = None) -> None:
+        # Inside a function, with no address of its own, calls go over the instance's channel.
+        self._in_daemon = address is None and token is None and not os.environ.get(ADDRESS_ENV)
         address = address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
         if "://" in address:
             address = address.split("://", 1)[1]
@@ -106,7 +110,17 @@ class Client:
         timeout = _timeout if _timeout is not None else self.timeout
         if _timeout is not None:
             headers[DEADLINE_HEADER] = str(max(1, int(_timeout * 1000)))
-        status, reply_headers, payload = self._request("POST", path, body, headers, timeout)
+        link = channel.current() if self._in_daemon else None
+        if link is not None:
+            try:
+                status, reply_headers, payload = link.call(function_name, body, headers, query, timeout)
+            except TimeoutError:
+                raise InvokeError("InvokeTimeout", f"no answer from the daemon within {timeout:g}s "
+                                  f"calling {function_name}") from None
+            except ConnectionError as exc:
+                raise InvokeError("ConnectionError", f"cannot reach the daemon: {exc}") from None
+        else:
+            status, reply_headers, payload = self._request("POST", path, body, headers, timeout)
         if status == 204:
             return None
         if 200 <= status < 300:

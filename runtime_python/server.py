@@ -12,7 +12,7 @@ own process group, so no instance outlives the daemon, even one that was SIGKILL
 from __future__ import annotations
 
 import argparse
-import json
+import hmac
 import os
 import resource
 import signal
@@ -23,12 +23,15 @@ import time
 import uuid
 from typing import Any, Callable, Dict, List, Optional
 
-from runtime_python import codec, wsgi
+from runtime_python import channel, codec, wsgi
+from runtime_python.channel import Channel
+from runtime_python.confine import close_other_files, confine, take_environment
 from runtime_python.context import context_class
 from runtime_python.loader import LoadError, load, user_frames
 from runtime_python.output import Budget, LineWriter
 
 EXIT_LOAD_ERROR = 4
+KEY_HEADER = "x-openedge-key"   # gRPC metadata: the instance's key, which the supervisor alone holds
 PR_SET_PDEATHSIG = 1
 # Signals whose default action dumps core. Sent to the whole process (`os.kill(os.getpid(), ...)`)
 # Linux gives one to the main thread and lets the sender run on, so a handler could still answer
@@ -40,16 +43,31 @@ _FATAL = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SI
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="runtime_python", description=__doc__)
-    parser.add_argument("--function", required=True, help="the function's name")
-    parser.add_argument("--handler", required=True, help="module.function inside codedir")
+    # Under a supervisor these come in the spec, not on the command line anyone can read.
+    parser.add_argument("--function", help="the function's name")
+    parser.add_argument("--handler", help="module.function inside codedir")
     parser.add_argument("--initializer", help="module.function run once, before the first call")
-    parser.add_argument("--codedir", required=True)
-    parser.add_argument("--socket", required=True, help="Unix socket path to serve on")
+    parser.add_argument("--codedir")
+    parser.add_argument("--socket", help="Unix socket path to serve on")
     parser.add_argument("--instance-id", default="")
     parser.add_argument("--status-fd", type=int, help="inherited socket to the supervisor")
     parser.add_argument("--parent-pid", type=int, help="the supervisor's pid")
     parser.add_argument("--timeout-ms", type=int, default=30000)
-    return parser.parse_args(argv)
+    parser.add_argument("--forked", action="store_true", help="a fork of the template (still root)")
+    args = parser.parse_args(argv)
+    args.parser = parser
+    return args
+
+
+def _start_arguments(args: argparse.Namespace, start: Dict[str, Any]) -> None:
+    """The spec's start arguments over the command line's; the required ones must be there."""
+    for key, value in start.items():
+        if value is not None:
+            setattr(args, key, value)
+    missing = [f"--{name}" for name in ("function", "handler", "codedir", "socket")
+               if not getattr(args, name)]
+    if missing:
+        args.parser.error(f"the following arguments are required: {', '.join(missing)}")
 
 
 class Runtime:
@@ -57,6 +75,7 @@ class Runtime:
 
     def __init__(self, args: argparse.Namespace, spec: Dict[str, Any], handler: Callable,
                  budget: Budget) -> None:
+        self.key = spec.get("key", "")   # what the supervisor's calls carry; no one else has it
         self.instance_id = args.instance_id
         self.codedir = args.codedir
         self.handler = handler
@@ -131,45 +150,40 @@ def prctl(option: int, value: Any) -> bool:
         return False
 
 
-def watch_parent(status: Optional[socket.socket], parent_pid: Optional[int]) -> None:
-    """Die with the supervisor: PR_SET_PDEATHSIG, and end-of-file on the status socket."""
+def watch_parent(status: Optional[Channel], parent_pid: Optional[int]) -> None:
+    """Die with the supervisor: PR_SET_PDEATHSIG, and end-of-file on the status channel."""
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if parent_pid is not None and os.getppid() != parent_pid:
         os._exit(1)   # the supervisor died before the signal was armed
     if status is None:
         return
 
-    def lifeline() -> None:
-        try:
-            while status.recv(4096):
-                pass
-        except OSError:
-            pass
+    def gone() -> None:
         # The supervisor is gone: take the whole process group down, handler subprocesses too.
         try:
             os.killpg(os.getpgrp(), signal.SIGKILL)
         finally:
             os._exit(1)
 
-    threading.Thread(target=lifeline, name="lifeline", daemon=True).start()
+    threading.Thread(target=status.serve, args=(gone,), name="lifeline", daemon=True).start()
 
 
-def report(status: Optional[socket.socket], message: dict) -> None:
+def report(status: Optional[Channel], message: dict) -> None:
     if status is not None:
-        status.sendall(json.dumps(message).encode("utf-8") + b"\n")
+        status.send(message)
 
 
-def read_spec(status: Optional[socket.socket]) -> Dict[str, Any]:
+def read_spec(status: Optional[Channel]) -> Dict[str, Any]:
     """The first line the supervisor sends: what the context reports of the function."""
     if status is None:
         return {}
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = status.recv(65536)
-        if not chunk:
-            os._exit(1)   # the supervisor is gone already
-        data += chunk
-    return json.loads(data).get("spec", {})
+    try:
+        message = status.read_line()
+    except OSError:
+        message = None
+    if message is None:
+        os._exit(1)   # the supervisor is gone already
+    return message.get("spec", {})
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -178,9 +192,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, _FATAL)
     status = None
     if args.status_fd is not None:
-        status = socket.socket(fileno=args.status_fd)
-        status.set_inheritable(False)   # handler subprocesses must not hold the lifeline
+        sock = socket.socket(fileno=args.status_fd)
+        sock.set_inheritable(False)   # handler subprocesses must not hold the lifeline
+        status = Channel(sock)
+        channel.install(status)     # context.invoke asks the supervisor over it
     spec = read_spec(status)
+    _start_arguments(args, spec.pop("start", {}))
+    process = spec.pop("process", {})
+    if args.forked:
+        close_other_files([0, 1, 2] + ([status.fileno()] if status is not None else []))
+        take_environment(process.get("env", {}))
+    try:
+        confine(process, prctl)
+    except LoadError as exc:
+        report(status, {"load_error": {"message": exc.message, "stackTrace": exc.stack_trace}})
+        return EXIT_LOAD_ERROR
     spec.setdefault("name", args.function)
     spec.setdefault("handler", args.handler)
     spec.setdefault("timeout_ms", args.timeout_ms)
@@ -243,12 +269,21 @@ def serve(runtime: Runtime, path: str) -> Any:
     from runtime_python._pb import function_pb2 as pb
     from runtime_python._pb import function_pb2_grpc as pb_grpc
 
+    def admit(context: Any) -> None:
+        """Only the supervisor holds the key: another process that reaches the socket gets nothing."""
+        if runtime.key:
+            given = dict(context.invocation_metadata()).get(KEY_HEADER, "")
+            if not hmac.compare_digest(given.encode(), runtime.key.encode()):
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, "not the supervisor")
+
     class Servicer(pb_grpc.FunctionServicer):
         def Session(self, batches: Any, context: Any) -> Any:
+            admit(context)
             for batch in batches:
                 yield pb.ResultBatch(responses=[runtime.invoke(request, pb) for request in batch.requests])
 
         def Ping(self, request: Any, context: Any) -> Any:
+            admit(context)
             return pb.PingResponse(pid=os.getpid())
 
     server = grpc.server(

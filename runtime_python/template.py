@@ -4,8 +4,10 @@ Starting Python and importing gRPC costs most of an instance's cold start; a for
 did it already costs a few milliseconds, and the forks share the imported code's pages.
 
 The supervisor talks to it over a SOCK_SEQPACKET socket (`--control-fd`). Each request is one
-JSON message, {"argv": [...], "cwd": ..., "env": {...}}, carrying three descriptors: the
-instance's status socket, its stdout and its stderr. The template forks twice and answers
+JSON message, {"argv": [...], "name": ...}, carrying three descriptors: the instance's status
+socket, its stdout and its stderr. Nothing of a function (its environment, its code) passes through
+the template: the fork reads that from its own status socket, so no fork can find another
+function's secrets in what it inherited. The template forks twice and answers
 {"pid": N} once the middle process is reaped, so the instance has been handed to the supervisor
 (a child subreaper) by then and is the supervisor's child like any other. The template stays
 single-threaded, so forking it is safe. It exits when the supervisor closes the socket or dies.
@@ -41,8 +43,9 @@ def _preload() -> None:
 
 
 def _become_instance(request: Dict[str, Any], fds: List[int], control: socket.socket) -> None:
-    """In the forked instance: take the descriptors, environment and directory of the request,
-    then run the runtime as `python -m runtime_python` would. Never returns."""
+    """In the forked instance: take the descriptors of the request, then run the runtime as
+    `python -m runtime_python` would. It reads its spec (environment, user, limits) from the
+    status socket and confines itself before it imports handler code. Never returns."""
     code = 1
     try:
         control.close()
@@ -54,16 +57,10 @@ def _become_instance(request: Dict[str, Any], fds: List[int], control: socket.so
             os.close(fd)
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)
-        os.chdir(request["cwd"])
-        sys.path[0] = os.getcwd()   # as `python -m` run there would have it
-        env = request["env"]
-        os.environ.clear()
-        os.environ.update(env)
-        sys.path[:0] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        sys.dont_write_bytecode = bool(env.get("PYTHONDONTWRITEBYTECODE"))
         argv = [str(a) for a in request["argv"]]
         # The status socket keeps its number: argv names it.
         argv[argv.index("--status-fd") + 1] = str(status_fd)
+        argv.append("--forked")
         sys.argv = ["runtime_python"] + argv
         code = server.main(argv)
     except SystemExit as exc:

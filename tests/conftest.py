@@ -13,6 +13,27 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "broker_config(text): extra lines for the test's mosquitto.conf")
 
 
+@pytest.fixture(autouse=True)
+def _reachable_tmp(request) -> None:
+    """As root, daemons run functions as unprivileged users, who must reach the code directories
+    the tests write under tmp_path: pytest makes its directories 0700, so open them for passing
+    through (not for listing)."""
+    if os.geteuid() != 0 or "tmp_path" not in request.fixturenames:
+        return
+    path = request.getfixturevalue("tmp_path")
+    for directory in [path] + list(path.parents)[:3]:
+        if str(directory) in ("/", "/tmp"):
+            break
+        os.chmod(directory, os.stat(directory).st_mode | 0o111)
+
+
+@pytest.fixture
+def writable_tmp(tmp_path):
+    """tmp_path, writable for the functions' users too (for handlers that leave files there)."""
+    os.chmod(tmp_path, 0o1777)
+    return tmp_path
+
+
 @pytest.fixture
 def broker(tmp_path, request) -> Iterator[Broker]:
     directory = tmp_path / "broker"

@@ -187,12 +187,12 @@ class DaemonProcess:
         self.seen_pids: set = set()
         self.rules = len(config.get("rules") or [])
 
-    def start(self, wait: bool = True) -> "DaemonProcess":
+    def start(self, wait: bool = True, env: Optional[Dict[str, str]] = None) -> "DaemonProcess":
         self._log = open(self.log_path, "ab")
         already = self.log().count(": subscribed to ")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "openedge_function", "-c", self.config_path],
-            cwd=self.directory, stdout=self._log, stderr=subprocess.STDOUT)
+            cwd=self.directory, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         if wait:
             wait_until(lambda: self.log().count(": subscribed to ") >= already + self.rules, 20,
                        message="the daemon to subscribe every rule")

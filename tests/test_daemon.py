@@ -112,7 +112,7 @@ def test_json_in_json_out_with_every_context_key_and_env(broker, daemon_factory,
     # The instance sees its env and a minimal base, never the daemon's environment or credentials.
     environ = result["environ"]
     assert "s3cret-broker-pw" not in json.dumps(environ)
-    assert set(environ) <= {"PATH", "LANG", "HOME", "PYTHONDONTWRITEBYTECODE", "USER_ID",
+    assert set(environ) <= {"PATH", "LANG", "HOME", "TMPDIR", "PYTHONDONTWRITEBYTECODE", "USER_ID",
                             "OPENEDGE_FUNCTION_NAME", "OPENEDGE_FUNCTION_INSTANCE_ID", "LC_CTYPE",
                             "GRPC_ENABLE_FORK_SUPPORT"}
     assert result["pid"] in daemon.instance_pids()
@@ -128,7 +128,7 @@ def test_binary_in_binary_out(broker, daemon_factory, collector):
     assert out[0].qos == 0
 
 
-def test_none_publishes_nothing_and_acknowledges(broker, daemon_factory, collector, tmp_path):
+def test_none_publishes_nothing_and_acknowledges(broker, daemon_factory, collector, tmp_path, writable_tmp):
     functions = [function("nothing", "tools.nothing", env={"COUNT_DIR": str(tmp_path)}),
                  function("echo", "tools.echo")]
     rules = [rule("r-none", "none", "nothing", "none/out"), rule("r-echo", "echo", "echo", "echo/out")]
@@ -332,7 +332,7 @@ def test_reconnects_and_resubscribes_when_the_broker_comes_back(broker, daemon_f
         collector.close()
 
 
-def test_retry_runs_a_crashed_message_again_on_a_fresh_instance(broker, daemon_factory, collector, tmp_path):
+def test_retry_runs_a_crashed_message_again_on_a_fresh_instance(broker, daemon_factory, collector, tmp_path, writable_tmp):
     env = {"COUNT_DIR": str(tmp_path)}
     daemon_factory([function("crashy", "tools.crash_once", env=env)],
                    [rule("r1", "in", "crashy", "out", retry={"max": 1})], files={"fn/tools.py": TOOLS})
@@ -348,7 +348,7 @@ def test_retry_runs_a_crashed_message_again_on_a_fresh_instance(broker, daemon_f
     assert (tmp_path / "calls").read_text().count("call") == 4
 
 
-def test_retry_never_follows_an_exception(broker, daemon_factory, collector, tmp_path):
+def test_retry_never_follows_an_exception(broker, daemon_factory, collector, tmp_path, writable_tmp):
     daemon_factory([function("raises", "tools.raise_counted", env={"COUNT_DIR": str(tmp_path)})],
                    [rule("r1", "in", "raises", "out", retry={"max": 3})], files={"fn/tools.py": TOOLS})
     publish(broker, "in", b"{}")
@@ -358,7 +358,7 @@ def test_retry_never_follows_an_exception(broker, daemon_factory, collector, tmp
     assert (tmp_path / "calls").read_text().count("call") == 1
 
 
-def test_a_crash_without_retry_is_an_envelope(broker, daemon_factory, collector, tmp_path):
+def test_a_crash_without_retry_is_an_envelope(broker, daemon_factory, collector, tmp_path, writable_tmp):
     daemon_factory([function("crashy", "tools.crash_once", env={"COUNT_DIR": str(tmp_path)})],
                    [rule("r1", "in", "crashy", "out")], files={"fn/tools.py": TOOLS})
     publish(broker, "in", b"{}")

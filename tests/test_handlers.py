@@ -250,7 +250,7 @@ def handler(event, context):
 '''
 
 
-def test_a_handler_subprocess_dies_with_its_instance_on_timeout(broker, daemon_factory, collector, tmp_path):
+def test_a_handler_subprocess_dies_with_its_instance_on_timeout(broker, daemon_factory, collector, tmp_path, writable_tmp):
     daemon_factory([function("spawner", "main.handler", env={"OUT": str(tmp_path)},
                              instance={"timeout": "1s"})],
                    [rule("r1", "in", "spawner", "out")], files={"fn/main.py": SPAWNER})

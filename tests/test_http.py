@@ -218,7 +218,7 @@ def test_a_full_pool_and_queue_answers_429(daemon_factory):
     assert daemon.wait(60) == 0
 
 
-def test_the_token_is_required_checked_and_given_to_functions(daemon_factory):
+def test_the_token_is_required_and_checked_and_never_reaches_a_function(daemon_factory):
     daemon, port = serving(daemon_factory, [function("about", "tools.about"),
                                             function("caller", "tools.caller")],
                            {"fn/tools.py": TOOLS}, token="s3cret")
@@ -227,10 +227,12 @@ def test_the_token_is_required_checked_and_given_to_functions(daemon_factory):
         assert status == 401 and json.loads(body)["errorType"] == "Unauthorized"
     assert request(port, "GET", "/metrics")[0] == 401
     status, _, body = request(port, "POST", "/invoke/about", b"{}", {"Authorization": "Bearer s3cret"})
-    assert status == 200 and json.loads(body)["token"] == "s3cret"
-    # context.invoke inside a function finds address and token in its environment.
+    assert status == 200 and json.loads(body)["token"] is None
+    # context.invoke inside a function needs no token: it asks over its instance's channel.
     client = Client(address=f"127.0.0.1:{port}", token="s3cret")
-    assert client.invoke("caller", data={"target": "about", "event": {"n": 1}})["got"]["token"] == "s3cret"
+    assert client.invoke("caller", data={"target": "about", "event": {"n": 1}})["got"] == {
+        "content_type": "application/json", "contentType": "application/json", "event": {"n": 1},
+        "token": None}
     with pytest.raises(InvokeError) as caught:
         Client(address=f"127.0.0.1:{port}").invoke("about")
     assert caught.value.status == 401

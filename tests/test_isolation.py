@@ -1,0 +1,346 @@
+"""Isolation against the handler, end to end: a handler tries each escape and each abuse through
+a real daemon (as root, with real users, real cgroups and real signals), and each attempt fails
+while the daemon keeps serving."""
+from __future__ import annotations
+
+import base64
+import glob
+import json
+import os
+import pathlib
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from openedge_function.cgroups import detect
+from tests.helpers import DaemonProcess, function, publish, rule, wait_until, write_handler
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+
+PROBE = '''
+import glob, json, os, signal, socket, subprocess, sys, time
+
+def attempt(what, action):
+    try:
+        return {"done": True, "result": action()}
+    except BaseException as exc:
+        return {"done": False, "error": type(exc).__name__, "message": str(exc)}
+
+def read(path):
+    with open(path, "rb") as fh:
+        return fh.read(100).decode("utf-8", "replace")
+
+def write(path):
+    with open(path, "w") as fh:
+        fh.write("owned")
+    return path
+
+def spawn(n):
+    children = []
+    try:
+        for _ in range(n):
+            children.append(subprocess.Popen(["sleep", "30"]))
+    except OSError as exc:
+        return {"started": len(children), "error": type(exc).__name__}
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    return {"started": len(children)}
+
+def open_files(n):
+    files = []
+    try:
+        for _ in range(n):
+            files.append(open("/dev/null"))
+    except OSError as exc:
+        return {"opened": len(files), "error": type(exc).__name__}
+    finally:
+        for fh in files:
+            fh.close()
+    return {"opened": len(files)}
+
+def ping(path):
+    import grpc
+    from runtime_python._pb import function_pb2, function_pb2_grpc
+    with grpc.insecure_channel("unix:" + path) as channel:
+        return str(function_pb2_grpc.FunctionStub(channel).Ping(function_pb2.PingRequest(), timeout=5))
+
+def handler(event, context):
+    what = event["try"]
+    arg = event.get("arg")
+    if what == "whoami":
+        return {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "ppid": os.getppid(),
+                "tmp": os.environ.get("TMPDIR")}
+    if what == "allocate":
+        block = bytearray(arg)
+        return {"allocated": len(block)}
+    actions = {
+        "read": lambda: read(arg),
+        "write": lambda: write(arg),
+        "kill": lambda: os.kill(arg, signal.SIGKILL),
+        "connect": lambda: socket.socket(socket.AF_UNIX).connect(arg),
+        "ping": lambda: ping(arg),
+        "list": lambda: os.listdir(arg),
+        "spawn": lambda: spawn(arg),
+        "open": lambda: open_files(arg),
+        "write_tmp": lambda: write(os.path.join(os.environ["TMPDIR"], "mine")),
+        "invoke": lambda: context.invoke(arg, {"from": context.function_name}),
+    }
+    return attempt(what, actions[what])
+'''
+
+ECHO = '''
+import os
+def handler(event, context):
+    return {"echo": event, "pid": os.getpid(), "uid": os.getuid()}
+'''
+
+
+class Gateway:
+    """A daemon with a probe function, a victim function and a broker rule for each."""
+
+    def __init__(self, tmp_path, broker, collector, **probe_extra) -> None:
+        self.broker, self.collector = broker, collector
+        directory = tmp_path / "gateway"
+        directory.mkdir()
+        os.chmod(directory, 0o755)
+        write_handler(str(directory / "probe"), "probe.py", PROBE)
+        write_handler(str(directory / "victim"), "victim.py", ECHO)
+        # The victim's code is its own: root's, readable only by the victim's group.
+        os.chown(directory / "victim", 0, 61001)
+        os.chmod(directory / "victim", 0o750)
+        functions = [
+            function("probe", "probe.handler", codedir="probe",
+                     instance={"memory": "64m", "timeout": "20s"}, **probe_extra),
+            function("victim", "victim.handler", codedir="victim", user=61001, group=61001),
+        ]
+        config = {"hub": {"address": broker.address, "clientid": "isolation", "username": "u",
+                          "password": "s3cret-broker-pw"},
+                  "functions": functions,
+                  "rules": [rule("probe", "probe/in", "probe", "probe/out"),
+                            rule("victim", "victim/in", "victim", "victim/out")],
+                  "logger": {"level": "debug"}}
+        self.daemon = DaemonProcess(str(directory), config)
+        os.chmod(self.daemon.config_path, 0o600)   # as an operator keeps a file with a password
+        self.daemon.start()
+        self.seen = 0
+
+    def run(self, name: str, event: dict) -> dict:
+        before = len(self.collector.on(f"{name}/out"))
+        publish(self.broker, f"{name}/in", json.dumps(event).encode())
+        out = wait_until(lambda: self.collector.on(f"{name}/out")[before:], 60,
+                         message=f"the outcome of {name} {event}")
+        return json.loads(out[0].payload)
+
+    def probe(self, what: str, arg=None) -> dict:
+        return self.run("probe", {"try": what, "arg": arg})
+
+    def stop(self) -> None:
+        self.daemon.stop()
+
+
+@pytest.fixture
+def gateway(tmp_path, broker, collector):
+    gw = Gateway(tmp_path, broker, collector)
+    yield gw
+    gw.stop()
+
+
+def _denied(outcome: dict) -> bool:
+    return outcome["done"] is False and outcome["error"] in ("PermissionError", "FileNotFoundError")
+
+
+def test_a_handler_cannot_reach_the_daemon_its_config_or_another_function(gateway):
+    daemon = gateway.daemon
+    me = gateway.probe("whoami")
+    # Never root: its own dynamic user and group, no supplementary groups.
+    assert 61184 <= me["uid"] <= 65519 and me["gid"] == me["uid"] and me["groups"] == []
+    supervisor = daemon.process.pid
+    assert me["ppid"] == supervisor
+    victim = gateway.run("victim", {"n": 1})
+    assert victim["uid"] == 61001
+
+    assert _denied(gateway.probe("read", daemon.config_path))
+    assert _denied(gateway.probe("read", f"/proc/{supervisor}/environ"))
+    assert _denied(gateway.probe("read", daemon.log_path.replace("daemon.log", "victim/victim.py")))
+    assert _denied(gateway.probe("list", os.path.join(daemon.directory, "victim")))
+    assert _denied(gateway.probe("write", os.path.join(daemon.directory, "probe", "probe.py")))
+    assert _denied(gateway.probe("write", os.path.join(daemon.directory, "probe", "new.py")))
+    for pid in (supervisor, victim["pid"]):
+        outcome = gateway.probe("kill", pid)
+        assert outcome["done"] is False and outcome["error"] == "PermissionError", outcome
+    # The victim's socket: in a directory of the victim's user that the probe cannot enter.
+    [victim_socket] = [path for path in glob.glob("/tmp/openedge-function-*/victim-*/*.sock")
+                       if os.stat(os.path.dirname(path)).st_uid == 61001]
+    assert _denied(gateway.probe("connect", victim_socket))
+    assert _denied(gateway.probe("list", os.path.dirname(os.path.dirname(victim_socket))))
+    # Its own temporary directory is writable.
+    assert gateway.probe("write_tmp")["done"] is True
+    # Calls between functions need no server (none is configured) and no token.
+    invoked = gateway.probe("invoke", "victim")
+    assert invoked["done"] is True and invoked["result"]["echo"] == {"from": "probe"}, invoked
+
+    # The daemon kept serving, both functions.
+    assert daemon.process.poll() is None
+    assert gateway.run("victim", {"n": 2})["echo"] == {"n": 2}
+    assert gateway.probe("whoami")["uid"] == me["uid"]
+    assert "holds a password or token and every user" not in daemon.log()
+
+
+def test_processes_files_and_memory_are_bounded_by_the_kernel(gateway):
+    if detect()[0] is None:
+        pytest.skip(f"no cgroups here: {detect()[1]}")
+    spawned = gateway.probe("spawn", 500)
+    assert spawned["done"] is True
+    assert spawned["result"]["started"] < 100 and spawned["result"]["error"] == "BlockingIOError", spawned
+    opened = gateway.probe("open", 5000)["result"]
+    assert opened["opened"] < 1024 and opened["error"] == "OSError", opened
+    # 1 GB in one step under a 64 MB limit: the kernel stops it at the limit.
+    envelope = gateway.probe("allocate", 1 << 30)
+    assert envelope["errorType"] == "MemoryLimitExceeded", envelope
+    used = int(envelope["errorMessage"].split(" used ")[1].split(" MB")[0])
+    assert used <= 64, envelope
+    # A new instance serves the next call.
+    assert gateway.probe("whoami")["uid"] >= 61184
+    assert gateway.daemon.process.poll() is None
+
+
+def test_a_function_of_the_same_user_cannot_drive_another_instance(tmp_path, broker, collector):
+    gw = Gateway(tmp_path, broker, collector, user=61001, group=61001)
+    try:
+        gw.run("victim", {"n": 1})
+        [victim_socket] = [path for path in glob.glob("/tmp/openedge-function-*/victim-*/*.sock")
+                           if gw.daemon.directory and os.stat(os.path.dirname(path)).st_uid == 61001]
+        # Same user: it may reach the socket, but the instance serves only the supervisor's key.
+        outcome = gw.probe("ping", victim_socket)
+        assert outcome["done"] is False and "PERMISSION_DENIED" in outcome["message"], outcome
+        assert gw.run("victim", {"n": 2})["echo"] == {"n": 2}
+    finally:
+        gw.stop()
+
+
+def test_an_unreadable_code_directory_names_the_directory_and_the_user(broker, daemon_factory, collector):
+    daemon = daemon_factory([function("locked", "main.handler", codedir="locked")],
+                            [rule("r", "in", "locked", "out")], files={"locked/main.py": ECHO})
+    locked = os.path.join(daemon.directory, "locked")
+    os.chmod(locked, 0o700)
+    publish(broker, "in", b"{}")
+    out = wait_until(lambda: collector.on("out"), 60, message="the envelope")
+    envelope = json.loads(out[0].payload)
+    assert envelope["errorType"] == "FunctionLoadError", envelope
+    assert locked in envelope["errorMessage"] and "uid 6" in envelope["errorMessage"], envelope
+
+
+def test_a_readable_configuration_with_a_password_is_warned_about(broker, daemon_factory):
+    daemon = daemon_factory([function("f", "main.handler")], [rule("r", "in", "f", "out")],
+                            files={"fn/main.py": ECHO},
+                            hub={"address": broker.address, "clientid": "warned", "password": "pw",
+                                 "username": "u"})
+    assert os.stat(daemon.config_path).st_mode & stat.S_IROTH
+    assert "holds a password or token and every user of this machine can read it" in daemon.log()
+
+
+def test_a_killed_daemon_leaves_nothing_for_the_next_start(tmp_path, broker):
+    rundirs = pathlib.Path(tempfile.mkdtemp(prefix="oef-run-"))   # short: socket paths are
+    os.chmod(rundirs, 0o755)
+    env = {**os.environ, "RUNTIME_DIRECTORY": str(rundirs)}
+    directory = tmp_path / "d"
+    directory.mkdir()
+    write_handler(str(directory / "fn"), "main.py", ECHO)
+    config = {"hub": {"address": broker.address, "clientid": "killed"},
+              "functions": [function("f", "main.handler", instance={"min": 1})], "rules": []}
+    first = DaemonProcess(str(directory), config)
+    first.start(wait=False, env=env)
+    wait_until(lambda: glob.glob(str(rundirs / "openedge-function-*" / "f-*" / "*.sock")), 30,
+               message="the first daemon's instance socket")
+    [left] = glob.glob(str(rundirs / "openedge-function-*"))
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait()
+    assert os.path.isdir(left)
+    second = DaemonProcess(str(directory), config)
+    second.start(wait=False, env=env)
+    try:
+        wait_until(lambda: not os.path.exists(left), 30, message="the stale run directory to go")
+        assert "left by a daemon that did not stop cleanly" in second.log()
+        wait_until(lambda: len(glob.glob(str(rundirs / "openedge-function-*"))) == 1, 30,
+                   message="the second daemon's run directory")
+    finally:
+        second.stop()
+    wait_until(lambda: not glob.glob(str(rundirs / "openedge-function-*")), 10,
+               message="the run directory to go at a clean stop")
+    os.rmdir(rundirs)
+
+
+STUCK = '''
+import os, time
+def handler(event, context):
+    with open(os.path.join(os.environ["OUT"], "runs"), "a") as fh:
+        fh.write(context.request_id + "\\n")
+    if event.get("stuck"):
+        time.sleep(60)
+    return {"ran": event}
+'''
+
+
+def test_a_message_in_flight_at_each_of_the_last_crashes_is_answered_not_run(
+        tmp_path, writable_tmp, broker, collector):
+    directory = tmp_path / "d"
+    directory.mkdir()
+    write_handler(str(directory / "fn"), "main.py", STUCK)
+    config = {"hub": {"address": broker.address, "clientid": "poison"},
+              "functions": [function("stuck", "main.handler", env={"OUT": str(writable_tmp)})],
+              "rules": [rule("r", "in", "stuck", "out", error={"topic": "errors", "qos": 1})]}
+    runs = tmp_path / "runs"
+
+    def count() -> int:
+        return len(runs.read_text().splitlines()) if runs.exists() else 0
+
+    for crash in range(3):
+        daemon = DaemonProcess(str(directory), config).start()
+        if crash == 0:
+            publish(broker, "in", json.dumps({"stuck": True}).encode(), qos=1)
+        wait_until(lambda: count() == crash + 1, 30, message=f"run {crash + 1} of the message")
+        # Something brings the supervisor down while the message is in flight.
+        daemon.process.send_signal(signal.SIGKILL)
+        daemon.process.wait()
+        daemon._log.close()
+    daemon = DaemonProcess(str(directory), config).start()
+    try:
+        out = wait_until(lambda: collector.on("errors"), 30, message="the PoisonMessage envelope")
+        envelope = json.loads(out[0].payload)
+        assert envelope["errorType"] == "PoisonMessage", envelope
+        assert json.loads(base64.b64decode(envelope["packet"]["Message"]["Payload"])) == {"stuck": True}
+        assert count() == 3   # not run a fourth time
+        assert "was in flight at each of the last 3 crashes" in daemon.log()
+        # The daemon serves on; the same payload later is run again.
+        publish(broker, "in", json.dumps({"n": 1}).encode(), qos=1)
+        result = wait_until(lambda: collector.on("out"), 30, message="a normal result")
+        assert json.loads(result[0].payload) == {"ran": {"n": 1}}
+    finally:
+        daemon.stop()
+    # A clean stop ends the row of crashes.
+    daemon = DaemonProcess(str(directory), config).start()
+    daemon.stop()
+    assert json.loads((directory / ".openedge-function.inflight.crashes").read_text()) == []
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd is not installed")
+def test_the_unit_file_verifies(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "deploy", "openedge-function.service")) as fh:
+        unit = fh.read()
+    for setting in ("NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
+                    "Delegate=yes", "ReadWritePaths="):
+        assert setting in unit
+    # Where this checkout's daemon is, instead of /opt/openedge-function (verify checks ExecStart).
+    path = tmp_path / "openedge-function.service"
+    path.write_text(unit.replace("/opt/openedge-function/.venv/bin/openedge-function",
+                                 os.path.join(os.path.dirname(sys.executable), "openedge-function")))
+    run = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True)
+    assert run.returncode == 0 and str(path) not in run.stderr, run.stderr
