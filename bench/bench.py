@@ -323,6 +323,7 @@ def main() -> int:
     rates = [float(r) for r in args.rates.split(",") if r]
 
     workdir = tempfile.mkdtemp(prefix="oef-bench-")
+    os.chmod(workdir, 0o755)   # as root, the function runs as a user of its own: it must reach its code
     broker = None
     if args.broker:
         host, _, port_text = args.broker.rpartition(":")

@@ -77,6 +77,7 @@ def main() -> int:
         say("needs py-spy: pip install py-spy")
         return 2
     workdir = tempfile.mkdtemp(prefix="oef-profile-")
+    os.chmod(workdir, 0o755)   # as root, the function runs as a user of its own: it must reach its code
     broker = Broker(workdir).start()
     driver = Driver(broker.host, broker.port)
     daemon = DaemonUnderTest(workdir, broker.port, args.max, args.max, "profile")

@@ -35,7 +35,8 @@ class Refused(InvocationError):
         self.error_type = error_type
 
 
-def find(pools: Dict[str, Pool], name: str, qualifier: str = "", namespace: str = "") -> Tuple[Function, Pool]:
+def find(pools: Dict[str, Pool], name: str, qualifier: str = "",
+         namespace: str = "") -> Tuple[Function, Pool]:
     """The function `name` (at `qualifier`, in `namespace`) and its pool. Raises Refused."""
     pool = pools.get(name)
     if pool is None:

@@ -42,6 +42,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.check:
         print(f"{args.config}: ok ({len(config.functions)} functions, {len(config.rules)} rules)")
         return 0
+    # What the daemon writes (its log, its journal) is its own: functions run as other users.
+    os.umask(0o077)
     setup_logging(config.logger)
     try:
         return Daemon(config, args.workdir or os.getcwd()).run()

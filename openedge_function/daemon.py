@@ -204,7 +204,8 @@ class Daemon:
         functions = {}
         for name, pool in list(self.pools.items()):
             functions[name] = {
-                "type": pool.function.type, "min": pool.function.instance.min,
+                "type": pool.function.type, "user": str(pool.sandbox.who),
+                "min": pool.function.instance.min,
                 "max": pool.function.instance.max, **pool.stats(),
                 "instance_list": [{"id": i.id, "pid": i.pid, "state": i.state.value} for i in pool.instances()],
             }

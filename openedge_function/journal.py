@@ -51,7 +51,8 @@ class Journal:
         history = self._history(crashed=self._map[:len(_MAGIC)] == _MAGIC and self._map[_RUNNING] == 1)
         self.poison: Set[bytes] = set()
         if len(history) >= crashes:
-            self.poison = set.intersection(*(set(bytes.fromhex(k) for k in row) for row in history[-crashes:]))
+            rows = [set(bytes.fromhex(k) for k in row) for row in history[-crashes:]]
+            self.poison = set.intersection(*rows)
         if self.poison:
             log.error("%d message(s) were in flight at each of the last %d crashes: they will be answered "
                       "with PoisonMessage instead of run", len(self.poison), crashes)
@@ -71,8 +72,8 @@ class Journal:
             except (OSError, ValueError):
                 history = []
             view = self._map
-            left = [view[offset:offset + _DIGEST].hex()
-                    for offset in range(_HEADER, len(view), _DIGEST) if view[offset:offset + _DIGEST] != _EMPTY]
+            left = [view[offset:offset + _DIGEST].hex() for offset in range(_HEADER, len(view), _DIGEST)
+                    if view[offset:offset + _DIGEST] != _EMPTY]
             history = (history + [left])[-CRASHES * 2:]
             log.warning("the daemon did not stop cleanly last time; %d message(s) were in flight",
                         len(left))

@@ -199,12 +199,28 @@ def with_rule(**changes):
     ("logger: {level: loud}\n" + textwrap.dedent(MINIMAL), "logger.level", "'loud' is not one of"),
     ("rulez: []\n" + textwrap.dedent(MINIMAL), "rulez", "did you mean 'rules'"),
     ("functions: {a: 1}\n", "functions", "expected a list"),
+    (with_function(user="no-such-user-here"), "functions[0].user",
+     "no user named 'no-such-user-here' on this machine (make one with: useradd --system"),
+    (with_function(group="no-such-group"), "functions[0].group", "no group named 'no-such-group'"),
+    (with_function(user=True), "functions[0].user", "expected a user name or a numeric id"),
+    (with_function(instance={"pids": 0}), "functions[0].instance.pids", "below the lower bound 1"),
+    (with_function(instance={"files": 10}), "functions[0].instance.files", "below the lower bound 64"),
+    ("defaults: {user: nobody, shell: x}\n" + textwrap.dedent(MINIMAL), "defaults.shell", "unknown key"),
 ])
 def test_errors_name_the_file_the_field_and_the_value(tmp_path, text, field, words):
     error = error_of(tmp_path, text)
     assert error.field == field, str(error)
     assert words in error.message, str(error)
     assert str(error).startswith(str(tmp_path / "application.yml") + ": " + field + ": ")
+
+
+def test_users_pids_files_and_the_openedge_pids_spelling(tmp_path):
+    config = load(tmp_path, "defaults: {user: nobody, group: 65534}\n" + textwrap.dedent(MINIMAL))
+    assert (config.defaults.user, config.defaults.group) == ("nobody", "65534")
+    fn = config.functions[0]
+    assert (fn.user, fn.group, fn.instance.pids, fn.instance.files) == (None, None, 64, 1024)
+    fn = load(tmp_path, with_function(user=61001, instance={"pids": {"limit": 10}, "files": 4096})).functions[0]
+    assert (fn.user, fn.instance.pids, fn.instance.files) == ("61001", 10, 4096)
 
 
 def test_duplicates_are_errors(tmp_path):

@@ -105,7 +105,7 @@ def handler(event, context):
 class Gateway:
     """A daemon with a probe function, a victim function and a broker rule for each."""
 
-    def __init__(self, tmp_path, broker, collector, **probe_extra) -> None:
+    def __init__(self, tmp_path, broker, collector, env=None, **probe_extra) -> None:
         self.broker, self.collector = broker, collector
         directory = tmp_path / "gateway"
         directory.mkdir()
@@ -125,10 +125,10 @@ class Gateway:
                   "functions": functions,
                   "rules": [rule("probe", "probe/in", "probe", "probe/out"),
                             rule("victim", "victim/in", "victim", "victim/out")],
-                  "logger": {"level": "debug"}}
+                  "logger": {"level": "debug", "path": "var/daemon.log", "console": True}}
         self.daemon = DaemonProcess(str(directory), config)
         os.chmod(self.daemon.config_path, 0o600)   # as an operator keeps a file with a password
-        self.daemon.start()
+        self.daemon.start(env=env)
         self.seen = 0
 
     def run(self, name: str, event: dict) -> dict:
@@ -167,6 +167,7 @@ def test_a_handler_cannot_reach_the_daemon_its_config_or_another_function(gatewa
     assert victim["uid"] == 61001
 
     assert _denied(gateway.probe("read", daemon.config_path))
+    assert _denied(gateway.probe("read", os.path.join(daemon.directory, "var", "daemon.log")))
     assert _denied(gateway.probe("read", f"/proc/{supervisor}/environ"))
     assert _denied(gateway.probe("read", daemon.log_path.replace("daemon.log", "victim/victim.py")))
     assert _denied(gateway.probe("list", os.path.join(daemon.directory, "victim")))
@@ -209,6 +210,22 @@ def test_processes_files_and_memory_are_bounded_by_the_kernel(gateway):
     # A new instance serves the next call.
     assert gateway.probe("whoami")["uid"] >= 61184
     assert gateway.daemon.process.poll() is None
+
+
+def test_without_cgroups_rlimits_stand_in(tmp_path, broker, collector):
+    gw = Gateway(tmp_path, broker, collector, env={**os.environ, "OPENEDGE_FUNCTION_CGROUPS": "off"})
+    try:
+        assert "instances get no control groups (OPENEDGE_FUNCTION_CGROUPS=off)" in gw.daemon.log()
+        spawned = gw.probe("spawn", 500)["result"]
+        # RLIMIT_NPROC: (64 + 16) tasks for each of its 1 instance, threads included.
+        assert spawned["started"] < 100 and spawned["error"] == "BlockingIOError", spawned
+        assert gw.probe("open", 5000)["result"]["opened"] < 1024
+        # RLIMIT_AS: the allocation fails in the handler instead of taking 1 GB.
+        envelope = gw.probe("allocate", 1 << 30)
+        assert envelope["errorType"] in ("MemoryError", "MemoryLimitExceeded"), envelope
+        assert gw.probe("whoami")["uid"] >= 61184
+    finally:
+        gw.stop()
 
 
 def test_a_function_of_the_same_user_cannot_drive_another_instance(tmp_path, broker, collector):
@@ -344,3 +361,15 @@ def test_the_unit_file_verifies(tmp_path):
                                  os.path.join(os.path.dirname(sys.executable), "openedge-function")))
     run = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True)
     assert run.returncode == 0 and str(path) not in run.stderr, run.stderr
+
+
+def test_a_daemon_that_is_not_root_refuses_another_user(tmp_path):
+    (tmp_path / "fn").mkdir()
+    config = tmp_path / "application.yml"
+    config.write_text("functions: [{name: f, handler: main.handler, codedir: fn, user: 61001}]\n")
+    run = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                          "-m", "openedge_function", "--check", "-c", str(config)],
+                         capture_output=True, text=True, cwd=str(tmp_path))
+    assert run.returncode == 2, run.stderr
+    assert "functions[0].user: running instances as another user needs the daemon to run as root" \
+        in run.stderr
