@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
@@ -11,6 +13,24 @@ from tests.helpers import Broker, Collector, DaemonProcess, alive, wait_until, w
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "broker_config(text): extra lines for the test's mosquitto.conf")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _reachable_checkout() -> None:
+    """As root, the daemons under test run functions as unprivileged users, who must reach this
+    checkout (the runtime and the venv's interpreter live in it): a clone in a private directory
+    gets its ancestors opened for passing through (o+x, not listing)."""
+    if os.geteuid() != 0:
+        return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for start in (root, sys.prefix):
+        directory = os.path.abspath(start)
+        while directory != "/":
+            mode = os.stat(directory).st_mode
+            if not mode & 0o001:
+                warnings.warn(f"{directory} was not reachable by other users; made it o+x")
+                os.chmod(directory, mode | 0o001)
+            directory = os.path.dirname(directory)
 
 
 @pytest.fixture(autouse=True)
