@@ -170,7 +170,11 @@ class DaemonUnderTest:
     def start(self, warm: int) -> None:
         self.process = subprocess.Popen([sys.executable, "-m", "openedge_function", "-c", self.config],
                                         cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: len(self.instances()) >= warm, 30, message=f"{warm} warm instances")
+        try:
+            wait_until(lambda: len(self.instances()) >= warm, 30, message=f"{warm} warm instances")
+        except AssertionError:
+            self.stop()   # its log (daemon.log in the work directory) says why
+            raise
         time.sleep(0.5)   # let the rule subscribe (no log at level warning to wait on)
 
     def instances(self) -> List[psutil.Process]:

@@ -274,11 +274,13 @@ def test_a_killed_daemon_leaves_nothing_for_the_next_start(tmp_path, broker):
               "functions": [function("f", "main.handler", instance={"min": 1})], "rules": []}
     first = DaemonProcess(str(directory), config)
     first.start(wait=False, env=env)
-    wait_until(lambda: glob.glob(str(rundirs / "openedge-function-*" / "f-*" / "*.sock")), 30,
-               message="the first daemon's instance socket")
-    [left] = glob.glob(str(rundirs / "openedge-function-*"))
-    first.process.send_signal(signal.SIGKILL)
-    first.process.wait()
+    try:
+        wait_until(lambda: glob.glob(str(rundirs / "openedge-function-*" / "f-*" / "*.sock")), 30,
+                   message="the first daemon's instance socket")
+        [left] = glob.glob(str(rundirs / "openedge-function-*"))
+    finally:
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait()
     assert os.path.isdir(left)
     second = DaemonProcess(str(directory), config)
     second.start(wait=False, env=env)
