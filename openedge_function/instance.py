@@ -100,8 +100,10 @@ class Instance:
         self.lifecycle = Lifecycle()
         # A directory alone (tests): the instance runs as the daemon's user, without cgroups.
         self.sandbox = sandbox if isinstance(sandbox, Sandbox) else Sandbox.make(sandbox, function)
-        # Socket names are unique across every pool of the daemon: a reused path would be taken over.
-        self.socket_path = os.path.join(self.sandbox.path, f"{next(_SOCKETS)}.sock")
+        # Socket and control group names are unique across every pool of the daemon: a function
+        # replaced on reload numbers its instances from 1 again while the old ones finish.
+        self._serial = next(_SOCKETS)
+        self.socket_path = os.path.join(self.sandbox.path, f"{self._serial}.sock")
         self.cgroup: Optional[Group] = None
         self._key = secrets.token_hex(16)   # the instance serves only calls that carry it
         self._status_out: Optional[socket.socket] = None   # our end of its status socket, for replies
@@ -149,8 +151,8 @@ class Instance:
                 env[key] = sandbox.tmp
         if sandbox.cgroups is not None:
             try:
-                self.cgroup = sandbox.cgroups.group(self.id, limits.memory, limits.pids + RUNTIME_TASKS,
-                                                    limits.cpu_share)
+                self.cgroup = sandbox.cgroups.group(f"{self.id}.{self._serial}", limits.memory,
+                                                    limits.pids + RUNTIME_TASKS, limits.cpu_share)
             except OSError as exc:
                 log.warning("instance %s: cannot make its control group (%s); it runs without",
                             self.id, exc)

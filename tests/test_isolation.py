@@ -375,3 +375,37 @@ def test_a_daemon_that_is_not_root_refuses_another_user(tmp_path):
     assert run.returncode == 2, run.stderr
     assert "functions[0].user: running instances as another user needs the daemon to run as root" \
         in run.stderr
+
+
+def test_two_instances_with_one_id_get_groups_of_their_own(tmp_path):
+    """A function replaced on reload numbers its instances from 1 again while the old ones run."""
+    from openedge_function.config import Function
+    from openedge_function.instance import Instance
+    from openedge_function.isolation import Sandbox, current
+    from openedge_function.watch import Watcher
+    cgroups, why = detect()
+    if cgroups is None:
+        pytest.skip(f"no cgroups here: {why}")
+    write_handler(str(tmp_path / "code"), "main.py", ECHO)
+    function = Function(name="fn", handler="main.handler", codedir=str(tmp_path / "code"))
+    watcher = Watcher()
+    instances = []
+    try:
+        for _ in range(2):   # the old pool's fn-1, then the new pool's fn-1
+            sandbox = Sandbox.make(str(tmp_path), function, current(), cgroups)
+            instance = Instance(function, 1, sandbox, watcher, lambda inst: None)
+            instance.start(ready_timeout=30)
+            instances.append(instance)
+        groups = [instance.cgroup for instance in instances]
+        assert groups[0] is not None and groups[1] is not None
+        assert groups[0].dirs != groups[1].dirs
+        for instance, group in zip(instances, groups):
+            procs = open(os.path.join(group.dirs["memory" if group.version == 1 else ""],
+                                      "cgroup.procs")).read().split()
+            assert str(instance.pid) in procs
+            assert instance.process.poll() is None
+    finally:
+        for instance in instances:
+            instance.stop()
+        watcher.close()
+        cgroups.close()
