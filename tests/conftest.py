@@ -2,12 +2,15 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import warnings
 from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
 
+from openedge_function.cgroups import detect
 from openedge_function.dataplane import DataPlane
+from openedge_function.isolation import remove_stale
 from tests.helpers import Broker, Collector, DaemonProcess, alive, wait_until, write_handler
 
 
@@ -89,6 +92,12 @@ def daemon_factory(tmp_path, broker) -> Iterator[Callable[..., DaemonProcess]]:
         daemon.stop()
         wait_until(lambda: not alive(sorted(daemon.seen_pids)), 10,
                    message=f"instances {sorted(daemon.seen_pids)} to exit with the daemon")
+    if any(daemon.process is not None and (daemon.process.returncode or 0) < 0 for daemon in started):
+        # A killed daemon leaves its run directory and control groups to the next start: be it.
+        remove_stale(tempfile.gettempdir())
+        cgroups, _ = detect()
+        if cgroups is not None:
+            cgroups.close()
 
 
 @pytest.fixture
