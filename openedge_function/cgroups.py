@@ -126,12 +126,9 @@ class Group:
         text = _read(os.path.join(directory, name)).strip() if directory else ""
         return int(text) if text.isdigit() else 0
 
-    def kill(self) -> None:
-        """SIGKILL everything in the group (what left the instance's process group too)."""
-        for directory in self.dirs.values():
-            _kill_all(os.path.join(directory, "cgroup.procs"))
-
     def remove(self) -> None:
+        """Kill what is left in the group (a subprocess that left the instance's process group,
+        too) and remove it."""
         for directory in self.dirs.values():
             _remove(directory)
 
@@ -157,8 +154,6 @@ class Cgroups:
         if self.version == 1 and not cpus:
             dirs.pop("cpu", None)
         for directory in dirs.values():
-            if os.path.isdir(directory):
-                _remove(directory)   # left from an instance of an earlier run of this pid
             os.mkdir(directory)
         group = Group(dirs, self.version, memory)
         try:

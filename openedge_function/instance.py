@@ -266,7 +266,7 @@ class Instance:
                       "codedir": fn.codedir, "socket": self.socket_path, "instance_id": self.id,
                       "timeout_ms": int(limits.timeout * 1000)},
             "process": {
-                "uid": who.uid, "gid": who.gid, "user": who.name, "env": env, "codedir": fn.codedir,
+                "uid": who.uid, "gid": who.gid, "user": who.name, "env": env,
                 "files": limits.files,
                 # Without a group, rlimits stand in: processes of the user (all its instances)...
                 "nproc": (limits.pids + RUNTIME_TASKS) * limits.max if not grouped and who.switches else 0,
@@ -375,8 +375,6 @@ class Instance:
         """Kill what is left in the group (a subprocess that left the process group) and remove it."""
         group, self.cgroup = self.cgroup, None
         if group is not None:
-            self.oom_peak()   # read before the group goes
-            group.kill()
             group.remove()
 
     def oom_peak(self) -> Optional[int]:

@@ -42,8 +42,8 @@ def take_environment(env: Dict[str, str]) -> None:
     sys.dont_write_bytecode = bool(env.get("PYTHONDONTWRITEBYTECODE"))
 
 
-def confine(process: Dict[str, Any], prctl: Any) -> None:
-    """Become the user the spec names and take its limits. Raises LoadError."""
+def confine(process: Dict[str, Any], codedir: str, prctl: Any) -> None:
+    """Become the user the spec names, take its limits and enter `codedir`. Raises LoadError."""
     uid, gid, who = process.get("uid"), process.get("gid"), process.get("user", "")
     if uid is not None and os.geteuid() == 0 and (uid, gid) != (0, 0):
         os.setgroups([])
@@ -62,16 +62,14 @@ def confine(process: Dict[str, Any], prctl: Any) -> None:
     if not os.access(library, os.R_OK | os.X_OK):
         raise LoadError(f"the interpreter's library {library} cannot be read by {who or 'this user'}: "
                         "install Python where the function's user can read it", [])
-    codedir = process.get("codedir")
-    if codedir:
-        try:
-            os.chdir(codedir)
-            os.listdir(codedir)
-        except OSError as exc:
-            raise LoadError(f"code directory {codedir} cannot be read by {who or 'this user'}: "
-                            f"{exc.strerror}; make it readable for that user (chmod -R o+rX, or a "
-                            "group it is in) or set the function's user:", []) from None
-        sys.path[0] = codedir   # as `python -m` run there has it
+    try:
+        os.chdir(codedir)
+        os.listdir(codedir)
+    except OSError as exc:
+        raise LoadError(f"code directory {codedir} cannot be read by {who or 'this user'}: "
+                        f"{exc.strerror}; make it readable for that user (chmod -R o+rX, or a "
+                        "group it is in) or set the function's user:", []) from None
+    sys.path[0] = codedir   # as `python -m` run there has it
 
 
 def _limit(which: int, value: int) -> None:

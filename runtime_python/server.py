@@ -173,6 +173,15 @@ def report(status: Optional[Channel], message: dict) -> None:
         status.send(message)
 
 
+def load_failed(status: Optional[Channel], exc: LoadError) -> int:
+    """Say why the handler cannot run (to the supervisor, else on stderr); the exit status."""
+    if status is None:
+        sys.__stderr__.write(exc.message + "\n")
+    report(status, {"load_error": {"message": exc.message, "stackTrace": exc.stack_trace}})
+    flush_output()
+    return EXIT_LOAD_ERROR
+
+
 def read_spec(status: Optional[Channel]) -> Dict[str, Any]:
     """The first line the supervisor sends: what the context reports of the function."""
     if status is None:
@@ -202,11 +211,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.forked:
         close_other_files([0, 1, 2] + ([status.fileno()] if status is not None else []))
         take_environment(process.get("env", {}))
+    codedir = os.path.abspath(args.codedir)
+    args.codedir = codedir
     try:
-        confine(process, prctl)
+        confine(process, codedir, prctl)
     except LoadError as exc:
-        report(status, {"load_error": {"message": exc.message, "stackTrace": exc.stack_trace}})
-        return EXIT_LOAD_ERROR
+        return load_failed(status, exc)
     spec.setdefault("name", args.function)
     spec.setdefault("handler", args.handler)
     spec.setdefault("timeout_ms", args.timeout_ms)
@@ -216,8 +226,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     sys.stdout = LineWriter(1, budget, "<stdout>")
     sys.stderr = LineWriter(2, budget, "<stderr>")
 
-    codedir = os.path.abspath(args.codedir)
-    args.codedir = codedir
     try:
         handler = load(args.handler, codedir, "handler")
         if args.initializer:
@@ -236,11 +244,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 signal.pthread_sigmask(signal.SIG_BLOCK, _FATAL)
                 flush_output()
     except LoadError as exc:
-        if status is None:
-            sys.__stderr__.write(exc.message + "\n")
-        report(status, {"load_error": {"message": exc.message, "stackTrace": exc.stack_trace}})
-        flush_output()
-        return EXIT_LOAD_ERROR
+        return load_failed(status, exc)
 
     server = serve(Runtime(args, spec, handler, budget), args.socket)
     report(status, {"ready": os.getpid()})
