@@ -3,10 +3,17 @@
 MQTT rules feed Python handlers that run in pooled, isolated instance processes; results and
 error envelopes are published back to the broker.
 """
-from .config import AppConfig, load_config
-from .daemon import Daemon
-from .errors import ConfigError
-from .sdk import Client, InvokeError
+import os
+
+# Before gRPC loads: its fork handlers would run in every child the daemon starts (a new
+# interpreter as another user, pip) while the data plane's threads are inside gRPC, and such a
+# child dies before it can exec (SIGSEGV or an abort in the epoll poller, 1 start in 6 under load).
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
+
+from .config import AppConfig, load_config  # noqa: E402
+from .daemon import Daemon  # noqa: E402
+from .errors import ConfigError  # noqa: E402
+from .sdk import Client, InvokeError  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["AppConfig", "Client", "ConfigError", "Daemon", "InvokeError", "load_config", "__version__"]
