@@ -67,7 +67,7 @@ class Api:
     """The WSGI application of the daemon's own server."""
 
     def __init__(self, server: Server, metrics: Any, pools: Callable[[], Dict[str, Pool]],
-                 health: Callable[[], Tuple[bool, List[str]]], status: Callable[[], dict]) -> None:
+                 health: Callable[[], Tuple[bool, List[str], List[str]]], status: Callable[[], dict]) -> None:
         self.metrics = metrics
         self._pools = pools       # the running configuration's pools, by function name
         self._health = health
@@ -92,8 +92,9 @@ class Api:
             name, _, rest = path[len("/http/"):].partition("/")
             return self._http(environ, start_response, name, "/" + rest)
         if path == "/healthz":
-            ok, reasons = self._health()
-            body = json.dumps({"status": "ok" if ok else "unavailable", "reasons": reasons}).encode()
+            ok, reasons, warnings = self._health()
+            body = json.dumps({"status": "ok" if ok else "unavailable", "reasons": reasons,
+                               "warnings": warnings}).encode()
             return self._reply(start_response, 200 if ok else 503, body, "application/json")
         if path == "/metrics":
             body, content_type = self.metrics.render()

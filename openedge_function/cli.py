@@ -23,9 +23,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("invoke", "status"):
         return client_main(argv)
+    if argv and argv[0] == "run":
+        from .local import main as run_main
+        return run_main(argv[1:])
+    if argv and argv[0] == "new":
+        from .scaffold import main as new_main
+        return new_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="openedge-function",
-        description="Edge function compute: MQTT rules feed Python handlers in pooled instances.")
+        usage="%(prog)s [-c CONFIG] [-w DIR] [--check]\n       %(prog)s {run,new,invoke,status} ...",
+        description="Edge function compute: MQTT rules feed Python handlers in pooled instances. "
+                    "Without a command, runs the daemon on CONFIG.",
+        epilog="commands (each has --help):\n"
+               "  run DIR [EVENT|-]     run a function on one event in a real instance, no broker needed\n"
+               "  new NAME              write a function folder and add it, with a rule, to the config\n"
+               "  invoke NAME [EVENT]   run a function in the running daemon (its HTTP server)\n"
+               "  status                the running daemon's functions, instances and counters",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default="etc/openedge/application.yml",
                         help="the configuration file (default: %(default)s)")
     parser.add_argument("-w", "--workdir", default=None,
@@ -37,7 +51,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         config = load_config(args.config, args.workdir)
         plan(config)   # who each function runs as: a user this daemon cannot switch to is an error
     except ConfigError as exc:
-        print(f"openedge-function: configuration error: {exc}", file=sys.stderr)
+        for error in getattr(exc, "errors", [exc]):
+            print(f"openedge-function: configuration error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     if args.check:
         print(f"{args.config}: ok ({len(config.functions)} functions, {len(config.rules)} rules)")

@@ -13,11 +13,13 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, ConfigErrors
+
+T = TypeVar("T")
 
 __all__ = [
     "AppConfig", "Hub", "Rule", "Subscription", "Publication", "Function", "Instance",
@@ -281,6 +283,7 @@ class Function:
     service: Service = field(default_factory=Service)
     user: Optional[str] = None      # run as (a name or a numeric id); default: defaults.user
     group: Optional[str] = None     # default: defaults.group, else the user's own group
+    watch: bool = True              # an edit of the code directory takes effect by itself
 
 
 @dataclass(frozen=True)
@@ -288,6 +291,15 @@ class Defaults:
     """What applies to every function that does not say otherwise (`defaults:`)."""
     user: Optional[str] = None
     group: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Packages:
+    """How functions' requirements.txt are installed (`packages:`)."""
+    cache: str = ""                 # absolute; default: $STATE_DIRECTORY or the workdir, + .openedge-function/packages
+    find_links: Tuple[str, ...] = ()    # wheel directories or pages (pip --find-links)
+    index: Optional[str] = None     # pip --index-url; "" for none at all (--no-index)
+    timeout: float = 600.0          # one install's longest run
 
 
 @dataclass(frozen=True)
@@ -325,6 +337,7 @@ class AppConfig:
     logger: LoggerConfig
     server: Optional[Server] = None
     defaults: Defaults = field(default_factory=Defaults)
+    packages: Packages = field(default_factory=Packages)
 
     def function(self, name: str) -> Function:
         for fn in self.functions:
@@ -346,14 +359,15 @@ class _Reader:
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            raise ConfigError(file, path or "(top level)", f"expected a mapping, got {_show(value)}")
+            _problem(ConfigError(file, path or "(top level)", f"expected a mapping, got {_show(value)}"))
+            value = {}
         self.data = value
         allowed = known + ignored
         for key in value:
             if key not in allowed:
                 hint = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
                 more = f" (did you mean {hint[0]!r}?)" if hint else f" (known keys: {', '.join(known)})"
-                raise ConfigError(file, self.at(str(key)), f"unknown key{more}")
+                _problem(ConfigError(file, self.at(str(key)), f"unknown key{more}"))
 
     def at(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
@@ -366,18 +380,42 @@ class _Reader:
         value = self.data.get(key)
         if value is None:
             if required:
-                raise ConfigError(self.file, self.at(key), "is required")
+                _problem(ConfigError(self.file, self.at(key), "is required"))
             return default
         try:
             return convert(value)
         except ValueError as exc:
-            raise ConfigError(self.file, self.at(key), str(exc)) from None
+            _problem(ConfigError(self.file, self.at(key), str(exc)))
+            return default
 
     def section(self, key: str, known: Tuple[str, ...], ignored: Tuple[str, ...] = ()) -> "_Reader":
         return _Reader(self.file, self.at(key), self.data.get(key), known, ignored)
 
     def fail(self, key: str, message: str) -> ConfigError:
         return ConfigError(self.file, self.at(key) if key else self.path, message)
+
+
+# The errors found so far while a file is parsed: a field's error is noted and parsing goes on
+# (with the field's default), so that one run reports every error of the file.
+_found: Optional[List[ConfigError]] = None
+
+
+def _problem(error: ConfigError) -> None:
+    """Note `error` (raise it when no parse is collecting)."""
+    if _found is None:
+        raise error
+    if all(str(error) != str(seen) for seen in _found):
+        _found.append(error)
+
+
+def _each(parse: Callable[..., T], *args: Any) -> Optional[T]:
+    """`parse(*args)`, or None after noting the ConfigError that stopped it."""
+    try:
+        return parse(*args)
+    except ConfigError as exc:
+        for error in getattr(exc, "errors", [exc]):
+            _problem(error)
+        return None
 
 
 def _show(value: Any) -> str:
@@ -409,12 +447,29 @@ def load_config(path: str, workdir: Optional[str] = None) -> AppConfig:
 
 
 def parse_config(data: Any, file: str, workdir: str) -> AppConfig:
-    top = _Reader(file, "", data, ("hub", "rules", "functions", "logger", "server", "defaults"),
-                  _MODULE_KEYS)
+    """Validate `data`; raises ConfigErrors listing every error found (ConfigError when one)."""
+    global _found
+    outer, _found = _found, []
+    try:
+        config = _each(_parse_top, data, file, workdir)
+        found = _found
+    finally:
+        _found = outer
+    if len(found) == 1:
+        raise found[0]
+    if found:
+        raise ConfigErrors(found)
+    assert config is not None
+    return config
+
+
+def _parse_top(data: Any, file: str, workdir: str) -> Optional[AppConfig]:
+    top = _Reader(file, "", data, ("hub", "rules", "functions", "logger", "server", "defaults",
+                                   "packages"), _MODULE_KEYS)
     defaults_section = top.section("defaults", ("user", "group"))
     defaults = Defaults(user=defaults_section.get("user", account("user")),
                         group=defaults_section.get("group", account("group")))
-    hub = _parse_hub(top.section("hub", (
+    hub = _each(_parse_hub, top.section("hub", (
         "address", "clientid", "username", "password", "ca", "cert", "key", "insecureSkipVerify",
         "cleansession", "timeout", "interval", "keepalive", "protocol", "sessionexpiry", "buffer"),
         _HUB_LEGACY), workdir)
@@ -422,35 +477,77 @@ def parse_config(data: Any, file: str, workdir: str) -> AppConfig:
     functions: List[Function] = []
     raw_functions = top.data.get("functions") or []
     if not isinstance(raw_functions, list):
-        raise top.fail("functions", f"expected a list, got {_show(raw_functions)}")
+        _problem(top.fail("functions", f"expected a list, got {_show(raw_functions)}"))
+        raw_functions = []
     for i, raw in enumerate(raw_functions):
-        fn = _parse_function(file, f"functions[{i}]", raw, workdir)
+        before = len(_found or ())
+        fn = _each(_parse_function, file, f"functions[{i}]", raw, workdir)
+        if fn is None or len(_found or ()) > before:
+            continue   # reported; its rules still find it by name
         if any(f.name == fn.name for f in functions):
-            raise ConfigError(file, f"functions[{i}].name", f"{fn.name!r} is defined twice")
+            _problem(ConfigError(file, f"functions[{i}].name", f"{fn.name!r} is defined twice"))
         functions.append(fn)
 
     rules: List[Rule] = []
     raw_rules = top.data.get("rules") or []
     if not isinstance(raw_rules, list):
-        raise top.fail("rules", f"expected a list, got {_show(raw_rules)}")
-    names = [f.name for f in functions]
+        _problem(top.fail("rules", f"expected a list, got {_show(raw_rules)}"))
+        raw_rules = []
+    # Functions whose own entry has an error still count as defined: one error, not two.
+    names = list(dict.fromkeys([f.name for f in functions] + [
+        raw["name"] for raw in raw_functions if isinstance(raw, dict) and isinstance(raw.get("name"), str)
+        and raw["name"]]))
     for i, raw in enumerate(raw_rules):
-        rule = _parse_rule(file, i, raw, names)
-        if next(f for f in functions if f.name == rule.function).type == "http":
-            raise ConfigError(file, f"rules[{i}].compute.function",
-                              f"{rule.function!r} is an HTTP function (type: http); a rule needs an "
-                              "event function")
+        before = len(_found or ())
+        rule = _each(_parse_rule, file, i, raw, names)
+        if rule is None or len(_found or ()) > before:
+            continue
+        target = next((f for f in functions if f.name == rule.function), None)
+        if target is not None and target.type == "http":
+            _problem(ConfigError(file, f"rules[{i}].compute.function",
+                                 f"{rule.function!r} is an HTTP function (type: http); a rule needs "
+                                 "an event function"))
         if rule.id is not None and any(r.id == rule.id for r in rules):
-            raise ConfigError(file, f"rules[{i}].id", f"{rule.id!r} is used by another rule")
+            _problem(ConfigError(file, f"rules[{i}].id", f"{rule.id!r} is used by another rule"))
         rules.append(rule)
 
-    logger = _parse_logger(top.section("logger", (
+    logger = _each(_parse_logger, top.section("logger", (
         "path", "level", "format", "console", "size", "backup", "summary"), ("age",)), workdir)
     server = None
     if top.data.get("server") is not None:
-        server = _parse_server(top.section("server", ("address", "token", "threads", "body")))
+        server = _each(_parse_server, top.section("server", ("address", "token", "threads", "body")))
+    packages = _each(_parse_packages, top.section("packages", ("cache", "findlinks", "index", "timeout")),
+                     workdir)
+    if _found or hub is None or logger is None or packages is None:
+        return None   # parse_config reports what was found
     return AppConfig(file=file, hub=hub, rules=tuple(rules), functions=tuple(functions), logger=logger,
-                     server=server, defaults=defaults)
+                     server=server, defaults=defaults, packages=packages)
+
+
+def _parse_packages(r: _Reader, workdir: str) -> Packages:
+    cache = r.get("cache", nonempty_string)
+    links = r.data.get("findlinks")
+    if links is None:
+        links = []
+    elif not isinstance(links, list):
+        links = [links]
+    find_links = []
+    for i, link in enumerate(links):
+        if not isinstance(link, str) or not link:
+            raise r.fail("findlinks", f"expected a directory or URL, got {_show(link)}")
+        find_links.append(link if "://" in link else os.path.join(workdir, link))
+    index = r.data.get("index")
+    if index is False:
+        index = ""
+    elif index is not None and (not isinstance(index, str) or "://" not in index):
+        raise r.fail("index", f"expected a package index URL, or false for none, got {_show(index)}")
+    timeout = r.get("timeout", duration, 600.0)
+    if timeout <= 0:
+        _problem(r.fail("timeout", "must be above 0"))
+    state = os.environ.get("STATE_DIRECTORY") or workdir
+    return Packages(cache=os.path.join(workdir, cache) if cache else
+                    os.path.join(state, ".openedge-function", "packages"),
+                    find_links=tuple(find_links), index=index, timeout=timeout)
 
 
 def _parse_server(r: _Reader) -> Server:
@@ -579,17 +676,18 @@ _MAX = bounded_int(1, 100)
 def _parse_function(file: str, path: str, raw: Any, workdir: str) -> Function:
     r = _Reader(file, path, raw, ("name", "handler", "codedir", "initializer", "runtime", "python",
                                   "env", "instance", "event", "type", "log", "version", "alias", "package",
-                                  "region", "account_id", "credentials", "service", "user", "group"),
+                                  "region", "account_id", "credentials", "service", "user", "group",
+                                  "watch"),
                 ("id", "entry"))
     name = r.get("name", function_name, required=True)
     handler = r.get("handler", entry_point, required=True)
     codedir_text = r.get("codedir", string, ".")
     codedir = os.path.normpath(os.path.join(workdir, codedir_text))
     if not os.path.isdir(codedir):
-        raise r.fail("codedir", f"{codedir_text!r}: no such directory (relative paths start at {workdir})")
+        _problem(r.fail("codedir", f"{codedir_text!r}: no such directory (relative paths start at {workdir})"))
     runtime = r.get("runtime", string, "python3")
     if not runtime.lower().startswith("python"):
-        raise r.fail("runtime", f"{runtime!r} is not supported: this daemon runs Python handlers")
+        _problem(r.fail("runtime", f"{runtime!r} is not supported: this daemon runs Python handlers"))
     if runtime.lower() in ("python2", "python2.7", "python27"):
         log.warning("%s.runtime: %s handlers run under Python 3 here", path, runtime)
     python = r.get("python", nonempty_string)
@@ -601,7 +699,7 @@ def _parse_function(file: str, path: str, raw: Any, workdir: str) -> Function:
         if value is None:
             value = ""
         if isinstance(value, (dict, list)):
-            raise ConfigError(file, f"{path}.env.{key}", f"expected a string, got {_show(value)}")
+            _problem(ConfigError(file, f"{path}.env.{key}", f"expected a string, got {_show(value)}"))
         env[str(key)] = str(value).lower() if isinstance(value, bool) else str(value)
     # initializer: module.fn, or {handler: module.fn, timeout: 10s}
     initializer, initializer_timeout = None, None
@@ -610,7 +708,7 @@ def _parse_function(file: str, path: str, raw: Any, workdir: str) -> Function:
         initializer = section.get("handler", entry_point, required=True)
         initializer_timeout = section.get("timeout", duration)
         if initializer_timeout is not None and initializer_timeout <= 0:
-            raise section.fail("timeout", "must be above 0")
+            _problem(section.fail("timeout", "must be above 0"))
     else:
         initializer = r.get("initializer", entry_point)
     creds = r.section("credentials", ("access_key_id", "access_key_secret", "security_token", "token"))
@@ -640,23 +738,26 @@ def _parse_function(file: str, path: str, raw: Any, workdir: str) -> Function:
         ),
         user=r.get("user", account("user")),
         group=r.get("group", account("group")),
+        watch=r.get("watch", boolean, True),
     )
 
 
 def _parse_instance(r: _Reader) -> Instance:
-    low, high = r.get("min", _MIN, 0), r.get("max", _MAX, 1)
+    low, high = r.get("min", _MIN, 0), r.get("max", _MAX)
+    if high is None:   # unset (1), or wrong and already reported
+        high, low = 1, low if not r.has("max") else 0
     if low > high:
-        raise r.fail("min", f"{low} is above instance.max {high}")
+        _problem(r.fail("min", f"{low} is above instance.max {high}"))
     timeout = r.get("timeout", duration, 30.0)
     if timeout <= 0:
-        raise r.fail("timeout", "must be above 0")
+        _problem(r.fail("timeout", "must be above 0"))
     memory_value = r.data.get("memory")
     if isinstance(memory_value, dict):   # OpenEdge: memory: {limit: 128m, swap: ...}
         memory = r.section("memory", ("limit",), ("swap",)).get("limit", byte_size, 0)
     else:
         memory = r.get("memory", byte_size, 0)
     if 0 < memory < (8 << 20):
-        raise r.fail("memory", f"{memory_value!r} is below the 8m a Python instance needs")
+        _problem(r.fail("memory", f"{memory_value!r} is below the 8m a Python instance needs"))
     cpu = r.section("cpu", ("setcpus", "cpus"))
     cpus = cpu.get("setcpus", _cpu_list, ())
     cpu_share = cpu.get("cpus", _positive_float, 0.0)
@@ -669,7 +770,7 @@ def _parse_instance(r: _Reader) -> Instance:
     message = r.section("message", ("length",)).section("length", ("max",))
     message_max = message.get("max", byte_size, 4 << 20)
     if message_max < 1:
-        raise message.fail("max", "must be above 0")
+        _problem(message.fail("max", "must be above 0"))
     return Instance(min=low, max=high, idletime=r.get("idletime", duration, 600.0), timeout=timeout,
                     memory=memory, message_max=message_max, cpus=cpus, cpu_share=cpu_share,
                     pids=pids, files=files)

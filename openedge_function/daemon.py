@@ -5,6 +5,11 @@ memory limits and looks after the template. Messages never pass through this thr
 on the data plane's loop (dataplane.py), which owns the broker connections, the pools and the
 streams to the instances.
 
+A function's code directory is watched: once an edit goes quiet, a pool of the new code starts an
+instance; when it is ready, it takes over what is queued and every new message while the old
+instances finish what they run. New code that does not load is logged once and shown in /status
+and /healthz, and the old code keeps serving. A requirements.txt is installed first (packages.py).
+
 SIGHUP re-reads the configuration. Unchanged rules and functions keep their connections and
 instances; a changed function gets a new pool at once while its old instances finish what they
 run; a removed or changed rule stops taking messages, settles what it has, unsubscribes (when
@@ -14,6 +19,7 @@ with an error is refused with the error logged, and the running one stays.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -21,17 +27,19 @@ import select
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from .calls import Calls
 from .cgroups import Cgroups, detect
+from .codewatch import CodeWatch
 from .config import AppConfig, Function, Hub, Rule, Server, load_config
 from .dataplane import DataPlane
-from .errors import ConfigError, ServerError
+from .errors import ConfigError, InvocationError, ServerError
 from .hub import Publisher
 from .isolation import RunAs, RunDir, plan, warn_readable_secrets
 from .journal import Journal, journal_path
 from .logs import setup_logging
+from .packages import Installer, PackageCache, requirements_of
 from .pool import Pool
 from .rules import RuleRunner
 from .template import Template, become_subreaper, reap_orphans
@@ -68,6 +76,12 @@ class Daemon:
         self._journal: Optional[Journal] = None
         self._watcher: Optional[Watcher] = None
         self._template: Optional[Template] = None
+        self._code: Optional[CodeWatch] = None
+        self._candidates: Dict[str, Pool] = {}      # pools of new code, proving that it loads
+        self._code_errors: Dict[str, str] = {}      # why a function's new code does not load
+        self._packages = PackageCache(config.packages)
+        self._installer: Optional[Installer] = None
+        self._posted: Deque[Tuple[Callable[..., None], Tuple[Any, ...]]] = collections.deque()
         self._reaped_at = 0.0
         self.metrics: Optional["Metrics"] = None
         self.http: Optional["HttpServer"] = None
@@ -79,6 +93,14 @@ class Daemon:
 
     def _queue_signal(self, signum: int, frame: object) -> None:
         self._signals.append(signum)
+        try:
+            os.write(self._wake_w, b".")
+        except BlockingIOError:
+            pass
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run `fn(*args)` on the daemon's thread soon; from any thread."""
+        self._posted.append((fn, args))
         try:
             os.write(self._wake_w, b".")
         except BlockingIOError:
@@ -119,6 +141,10 @@ class Daemon:
         for name, who in self._users.items():
             log.info("function %s runs as %s", name, who)
         self._watcher = Watcher()
+        self._code = CodeWatch(self._watcher)
+        self._packages.prune({key for key in (self._packages.key(f, self._users[f.name])
+                                              for f in self.config.functions) if key})
+        self._installer = Installer(self._packages)
         self.plane.start()
         # Instances are forks of a template that has imported the runtime already; they come back
         # to us as children only if we are a subreaper.
@@ -140,6 +166,10 @@ class Daemon:
                 self._template.close()
                 reap_orphans()
             self.plane.stop()
+            if self._installer is not None:
+                self._installer.close()
+            if self._code is not None:
+                self._code.close()
             if self._watcher is not None:
                 self._watcher.close()
             if self._cgroups is not None:
@@ -163,6 +193,7 @@ class Daemon:
             self.http.start()
         for runner in self.rules:
             runner.start()
+        self._watch_code()
 
     def _serve(self, server: Server) -> None:
         """Bind the HTTP server (it serves once the pools exist)."""
@@ -180,8 +211,9 @@ class Daemon:
                  "" if server.token else " without a token: it only accepts loopback addresses "
                  "(set server.token to listen beyond)")
 
-    def health(self) -> Tuple[bool, List[str]]:
-        """Whether the daemon serves: connected to the broker and every `min` instance up."""
+    def health(self) -> Tuple[bool, List[str], List[str]]:
+        """Whether the daemon serves (connected to the broker and every `min` instance up), why
+        not, and what else needs a look: new code that does not load while the old one serves."""
         reasons = []
         if self.publisher is not None and not self.publisher.connected.is_set():
             reasons.append("the publisher is not connected to the broker")
@@ -196,15 +228,21 @@ class Daemon:
             elif ready < pool.function.instance.min:
                 reasons.append(f"function {name} has {ready} of its {pool.function.instance.min} "
                                "minimum instances up")
-        return not reasons, reasons
+        warnings = [f"function {name}: the new code does not load, the previous code serves: {error}"
+                    for name, error in sorted(self._code_errors.items())]
+        return not reasons, reasons, warnings
 
     def status(self) -> dict:
         """What `openedge-function status` prints."""
-        ok, reasons = self.health()
+        ok, reasons, warnings = self.health()
         functions = {}
         for name, pool in list(self.pools.items()):
             functions[name] = {
                 "type": pool.function.type, "user": str(pool.sandbox.who),
+                "code": {"watch": (self._code.how if self._code else "on") if pool.function.watch else "off",
+                         "error": self._code_errors.get(name),
+                         "replacing": name in self._candidates},
+                "packages": ("installing" if pool.held else pool.paths[0] if pool.paths else None),
                 "min": pool.function.instance.min,
                 "max": pool.function.instance.max, **pool.stats(),
                 "instance_list": [{"id": i.id, "pid": i.pid, "state": i.state.value} for i in pool.instances()],
@@ -213,7 +251,7 @@ class Daemon:
                                     "connected": runner.intake.connected.is_set(), **runner.stats()}
                  for runner in list(self.rules)}
         return {"pid": os.getpid(), "uptime_s": round(time.time() - self.started_at, 1),
-                "healthy": ok, "reasons": reasons,
+                "healthy": ok, "reasons": reasons, "warnings": warnings,
                 "broker": {"address": self.config.hub.address,
                            "connected": bool(self.publisher and self.publisher.connected.is_set())},
                 "functions": functions, "rules": rules}
@@ -226,13 +264,34 @@ class Daemon:
             log.warning("publisher: no connection to %s yet; starting anyway", hub.address)
         return publisher
 
-    def _pool(self, function: Function) -> Pool:
+    def _pool(self, function: Function, candidate: bool = False) -> Pool:
+        """A pool for `function`; held until its requirements are installed. A `candidate` (new
+        code) starts one instance at once and leaves failures to `_candidate_ready`."""
         assert self._rundir is not None and self._watcher is not None
-        sandbox = self._rundir.home(function, self._users[function.name], self._cgroups)
-        pool = Pool(self.plane, function, sandbox, self._watcher, template=self._template)
+        who = self._users[function.name]
+        sandbox = self._rundir.home(function, who, self._cgroups)
+        installed = self._packages.cached(function, who)
+        install = installed is None and requirements_of(function) is not None
+        pool = Pool(self.plane, function, sandbox, self._watcher, template=self._template,
+                    warm=candidate, held=install)
+        if installed is not None:
+            pool.paths = (installed,)
         pool.on_call = self.calls.handle
         if self.metrics is not None:
             pool.observe = self.metrics.observer(function.name)
+        if install:
+            assert self._installer is not None
+
+            def installed_now(path: Optional[str], error: Optional[InvocationError]) -> None:
+                if error is None:
+                    self.plane.call(pool.release, (path,) if path else ())
+                    return
+                if not candidate:
+                    log.error("function %s: %s; its messages get FunctionLoadError until the file "
+                              "changes", function.name, error.message)
+                self.plane.call(pool.fail, error)
+
+            self._installer.submit(function, who, installed_now)
         return pool
 
     def _runner(self, rule: Rule, config: AppConfig, pools: Dict[str, Pool], publisher: Publisher) -> RuleRunner:
@@ -248,7 +307,76 @@ class Daemon:
                 return
             if signum == signal.SIGHUP:
                 self._reload()
+            while self._posted:
+                fn, args = self._posted.popleft()
+                fn(*args)
+            if self._code is not None:
+                for name, since in self._code.due():
+                    self._renew(name, since)
             self._maintain()
+
+    # -- new code -------------------------------------------------------------------------------
+
+    def _watch_code(self) -> None:
+        """Watch the code directories of the functions that want it (and only those)."""
+        assert self._code is not None
+        wanted = {f.name: f.codedir for f in self.config.functions if f.watch}
+        watched = {name: codedir for codedir, names in self._code.watched().items() for name in names}
+        for name, codedir in watched.items():
+            if wanted.get(name) != codedir:
+                self._code.unwatch(name)
+        for name, codedir in wanted.items():
+            if watched.get(name) != codedir:
+                self._code.watch(name, codedir)
+
+    def _renew(self, name: str, since: float) -> None:
+        """`name`'s code changed: start a pool of the new code (replacing one still starting)."""
+        pool = self.pools.get(name)
+        if pool is None:
+            return
+        stale = self._candidates.pop(name, None)
+        if stale is not None:
+            self._retire(stale)
+        candidate = self._pool(pool.function, candidate=True)
+        candidate.follow(stale or pool)
+        candidate.on_first = lambda error: self._post(self._candidate_ready, name, candidate, error, since)
+        self._candidates[name] = candidate
+        log.info("function %s: %s changed; starting an instance of the new code", name,
+                 pool.function.codedir)
+        self.plane.call(candidate.start)
+
+    def _candidate_ready(self, name: str, candidate: Pool, error: Optional[InvocationError],
+                         since: float) -> None:
+        """The new code's first instance is ready (it takes over) or failed (the old code stays)."""
+        if self._candidates.get(name) is not candidate:
+            return   # a later change, a reload or the stop replaced it meanwhile
+        del self._candidates[name]
+        if error is not None:
+            self._retire(candidate)
+            text = f"{error.error_type}: {error.message}"
+            if self._code_errors.get(name) != text:
+                log.error("function %s: the new code does not load, the previous code keeps serving: %s",
+                          name, text)
+            self._code_errors[name] = text
+            return
+        old = self.pools[name]
+        self.pools = {**self.pools, name: candidate}
+        runners = [runner for runner in self.rules if runner.function.name == name]
+
+        def switch() -> None:   # on the loop: between two messages, nothing queued runs old code
+            for runner in runners:
+                runner.use(runner.function, candidate)
+            old.hand_over(candidate)
+
+        self.plane.run(switch)
+        self._leaving.append(old)
+        self._code_errors.pop(name, None)
+        log.info("function %s: the new code serves, %.0f ms after the change", name,
+                 (time.monotonic() - since) * 1000)
+
+    def _retire(self, pool: Pool) -> None:
+        pool.close()
+        self._leaving.append(pool)
 
     def _maintain(self) -> None:
         for pool in self.pools.values():
@@ -285,6 +413,7 @@ class Daemon:
 
         self._users = users
         pools: Dict[str, Pool] = {}
+        added = [f.name for f in new.functions if f.name not in self.pools]
         for function in new.functions:
             pool = self.pools.get(function.name)
             if pool is not None and pool.function == function and pool.sandbox.who == users[function.name]:
@@ -293,6 +422,14 @@ class Daemon:
                 pools[function.name] = self._pool(function)
                 self.plane.call(pools[function.name].start)
         leaving = [pool for name, pool in self.pools.items() if pools.get(name) is not pool]
+        for name, candidate in list(self._candidates.items()):
+            if pools.get(name) is not self.pools.get(name):   # replaced or removed: moot
+                del self._candidates[name]
+                leaving.append(candidate)
+                candidate.close()
+        for name in list(self._code_errors):
+            if pools.get(name) is not self.pools.get(name):
+                del self._code_errors[name]
 
         kept: List[RuleRunner] = []
         stopping: List[Tuple[RuleRunner, bool]] = []   # (runner, removed for good)
@@ -312,11 +449,15 @@ class Daemon:
             starting.append(self._runner(rule, new, pools, publisher))
         stopping.extend((runner, True) for runner in by_key.values())
 
+        old_pools = self.pools
         self.config, self.pools, self.rules = new, pools, kept + starting
         self.publisher = publisher
         self._leaving.extend(leaving)
-        log.info("SIGHUP: configuration reloaded: %d rules kept, %d stopped, %d started; "
-                 "%d functions replaced or removed", len(kept), len(stopping), len(starting), len(leaving))
+        replaced = sum(1 for name in old_pools if name in pools and pools[name] is not old_pools[name])
+        log.info("SIGHUP: configuration reloaded: %d rules kept, %d stopped, %d started; functions: "
+                 "%d added, %d replaced, %d removed", len(kept), len(stopping), len(starting),
+                 len(added), replaced, sum(1 for name in old_pools if name not in pools))
+        self._watch_code()
         transition = threading.Thread(target=self._transition,
                                       args=(stopping, starting, leaving, retired_publisher),
                                       name="reload", daemon=True)
@@ -350,7 +491,8 @@ class Daemon:
             transition.join()
         for runner in self.rules:
             runner.intake.stop_intake()
-        pools = list(self.pools.values()) + self._leaving
+        pools = list(self.pools.values()) + self._leaving + list(self._candidates.values())
+        self._candidates.clear()
         for pool in pools:
             pool.close()
         longest = max((p.function.instance.timeout for p in pools), default=0.0)

@@ -10,7 +10,8 @@ OpenEdgeFunctionError                 base of everything the daemon raises on pu
     ├── MemoryLimitExceeded           RSS past instance.memory; the instance was killed
     ├── InstanceCrashed               the instance process died during the invocation
     ├── FunctionLoadError             the handler or initializer could not be loaded
-    └── MessageTooLarge               payload over instance.message.length.max
+    ├── MessageTooLarge               payload over instance.message.length.max
+    └── MessageExpired                MQTT 5: expired while it waited; acknowledged, not run
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ import json
 from typing import Any, Optional, Sequence
 
 __all__ = [
-    "OpenEdgeFunctionError", "ConfigError", "ServerError", "InvocationError", "HandlerError",
+    "OpenEdgeFunctionError", "ConfigError", "ConfigErrors", "ServerError", "InvocationError", "HandlerError",
     "ResultEncodingError", "FunctionTimeout", "MemoryLimitExceeded", "InstanceCrashed",
-    "FunctionLoadError", "MessageTooLarge", "Packet", "build_envelope", "error_of",
+    "FunctionLoadError", "MessageTooLarge", "MessageExpired", "Packet", "build_envelope", "error_of",
 ]
 
 
@@ -37,6 +38,19 @@ class ConfigError(OpenEdgeFunctionError):
         self.field = field
         self.message = message
         super().__init__(f"{file}: {field}: {message}" if field else f"{file}: {message}")
+
+
+class ConfigErrors(ConfigError):
+    """Every error found in one configuration file, the first one's fields on the object."""
+
+    def __init__(self, errors: "list[ConfigError]") -> None:
+        first = errors[0]
+        super().__init__(first.file, first.field, first.message)
+        self.errors = list(errors)
+        self.args = ("\n".join(str(error) for error in self.errors),)
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 class ServerError(OpenEdgeFunctionError):
@@ -89,6 +103,11 @@ class FunctionLoadError(InvocationError):
 
 class MessageTooLarge(InvocationError):
     error_type = "MessageTooLarge"
+
+
+class MessageExpired(InvocationError):
+    """An MQTT 5 message whose expiry interval ran out while it waited: not run, not answered."""
+    error_type = "MessageExpired"
 
 
 def error_of(response: Any) -> InvocationError:

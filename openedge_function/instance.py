@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import grpc
 import grpc.aio
@@ -93,9 +93,11 @@ class Instance:
     """A runtime process and the gRPC client that talks to it; one invocation at a time."""
 
     def __init__(self, function: Function, seq: int, sandbox: Union[str, Sandbox], watcher: Watcher,
-                 on_lost: Callable[["Instance"], None], template: Optional[Template] = None) -> None:
+                 on_lost: Callable[["Instance"], None], template: Optional[Template] = None,
+                 paths: Tuple[str, ...] = ()) -> None:
         self.function = function
         self._template = template
+        self.paths = paths   # the function's own packages: after its code directory on sys.path
         self.id = f"{function.name}-{seq}"
         self.lifecycle = Lifecycle()
         # A directory alone (tests): the instance runs as the daemon's user, without cgroups.
@@ -177,7 +179,8 @@ class Instance:
             theirs.close()
             os.close(out_w)
             os.close(err_w)
-        log.debug("instance %s: started pid %s", self.id, self.process.pid)
+        log.debug("instance %s: started pid %s (%s)", self.id, self.process.pid,
+                  "a fork of the template" if isinstance(self.process, ForkedProcess) else "a new interpreter")
         if limits.cpus:
             try:
                 os.sched_setaffinity(self.process.pid, limits.cpus)
@@ -261,7 +264,7 @@ class Instance:
         fn, who, limits = self.function, self.sandbox.who, self.function.instance
         grouped = self.cgroup is not None
         return {"spec": {
-            **function_spec(fn), "key": self._key,
+            **function_spec(fn), "key": self._key, "paths": list(self.paths),
             "start": {"function": fn.name, "handler": fn.handler, "initializer": fn.initializer,
                       "codedir": fn.codedir, "socket": self.socket_path, "instance_id": self.id,
                       "timeout_ms": int(limits.timeout * 1000)},
@@ -280,7 +283,7 @@ class Instance:
         """A fork of the template when the function allows it, else a fresh interpreter (as the
         function's user from its first instruction)."""
         fn, who = self.function, self.sandbox.who
-        if self._template is not None and forkable(fn):
+        if self._template is not None and forkable(fn, self.paths, who):
             try:
                 pid = self._template.spawn(argv, (status_fd, out_fd, err_fd), self.id)
                 return ForkedProcess(pid, argv)

@@ -27,7 +27,7 @@ from typing import Dict, Optional
 
 from .cgroups import Cgroups
 from .config import AppConfig, Defaults, Function
-from .errors import ConfigError
+from .errors import ConfigError, ConfigErrors
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,15 @@ def warn_readable_secrets(config: AppConfig) -> None:
 
 
 def plan(config: AppConfig) -> Dict[str, RunAs]:
-    """Who each function runs as. Raises ConfigError naming the field."""
-    return {function.name: run_as(function, config.defaults, config.file, index)
-            for index, function in enumerate(config.functions)}
+    """Who each function runs as. Raises ConfigError naming the field (ConfigErrors: each one)."""
+    users, errors = {}, []
+    for index, function in enumerate(config.functions):
+        try:
+            users[function.name] = run_as(function, config.defaults, config.file, index)
+        except ConfigError as exc:
+            errors.append(exc)
+    if len(errors) > 1:
+        raise ConfigErrors(errors)
+    if errors:
+        raise errors[0]
+    return users

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Callable, List, Optional, Set, Union
+from typing import Callable, List, Optional, Set, Tuple, Union
 
 from .backlog import Backlog, BatchSizer
 from .config import Function
@@ -40,7 +40,8 @@ class Pool:
     """The instances of one function, and the invocations waiting for them."""
 
     def __init__(self, plane: DataPlane, function: Function, sandbox: Union[str, Sandbox], watcher: Watcher,
-                 queue_max: int = 0, template: Optional[Template] = None) -> None:
+                 queue_max: int = 0, template: Optional[Template] = None, warm: bool = False,
+                 held: bool = False) -> None:
         self.plane = plane
         self.function = function
         self._template = template
@@ -69,6 +70,14 @@ class Pool:
         self._held_at = float("-inf")
         self._tick: Optional[object] = None
         self.dropped = 0
+        # A pool for new code starts one instance at once, whatever `min`, to prove the code loads.
+        self._warm = 1 if warm else 0
+        # Held: no instance starts until `release()` (its requirements are being installed).
+        self.held = held
+        self.paths: Tuple[str, ...] = ()   # the function's own packages, on its instances' sys.path
+        # Called once, on the loop, with None when the first instance is ready or with the error
+        # that kept it from starting: the daemon's swap to new code.
+        self.on_first: Optional[Callable[[Optional[InvocationError]], None]] = None
         # Answers its instances' calls to other functions (context.invoke): the daemon's Calls.
         self.on_call: Optional[Callable[[dict, Callable[[dict], None]], None]] = None
         # Called with (outcome, seconds) after each invocation that ran: the daemon's metrics.
@@ -179,18 +188,18 @@ class Pool:
 
     def _grow(self) -> None:
         """Start instances for queued invocations and for `min`."""
-        if self._failing():
+        if self._failing() or self.held:
             return
         live = len(self._workers) - self._retiring
         wanted = len(self.backlog) - self._starting
         if not self._closed:   # a closing pool still serves its backlog, but keeps no minimum
-            wanted = max(wanted, self._min - live)
+            wanted = max(wanted, max(self._min, self._warm) - live)
         if self._failure is not None:   # after a failure, retry with one instance at a time
             wanted = min(wanted, 1 - self._starting)
         for _ in range(max(0, min(wanted, self._max - len(self._workers)))):
             self._seq += 1
             instance = Instance(self.function, self._seq, self.sandbox, self._watcher, self._on_lost,
-                                self._template)
+                                self._template, self.paths)
             instance.on_call = self.on_call
             worker = Worker(self, instance)
             self._workers.add(worker)
@@ -233,12 +242,53 @@ class Pool:
                      self.function.name, worker.instance.id)
         self._failure = None
         self._backoff = _BACKOFF_FIRST
+        self._warm = 0
+        self._first(None)
         return self.next_batch(worker)
+
+    def _first(self, error: Optional[InvocationError]) -> None:
+        on_first, self.on_first = self.on_first, None
+        if on_first is not None:
+            on_first(error)
+
+    def follow(self, predecessor: "Pool") -> None:
+        """Number instances on from `predecessor`'s (the same function's previous code)."""
+        self._seq = predecessor._seq
+
+    def release(self, paths: Tuple[str, ...] = ()) -> None:
+        """Start instances (with `paths` on their sys.path): the function's packages are in place."""
+        self.paths = paths
+        self.held = False
+        self._grow()
+
+    def fail(self, error: InvocationError) -> None:
+        """No instance can start until the function changes (its requirements do not install):
+        what waits and what comes is answered with `error`."""
+        self.held = False
+        self._failure = error
+        self._retry_at = float("inf")
+        doomed = [] if self._workers else self.backlog.clear()
+        self._check_room()
+        self._first(error)
+        for invocation in doomed:
+            invocation.done(invocation, error)
+
+    def hand_over(self, successor: "Pool") -> None:
+        """Close, and give what is queued to `successor` (the same function's new code): what
+        runs finishes here, nothing queued runs on the old code."""
+        self._close()
+        moved = self.backlog.clear()
+        self._check_room()
+        for invocation in moved:
+            successor.push(invocation)
 
     def start_failed(self, worker: Worker, error: InvocationError) -> None:
         self._starting -= 1
         self._workers.discard(worker)
-        repeated = self._failure is not None and self._failure.message == error.message
+        # New code that does not load is the daemon's to report (the old code still serves).
+        repeated = self.on_first is not None or (
+            self._failure is not None and self._failure.message == error.message)
+        self._first(error)
         self._failure = error
         self._retry_at = time.monotonic() + self._backoff
         backoff, self._backoff = self._backoff, min(self._backoff * 2, _BACKOFF_MAX)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import psutil
 
@@ -23,6 +23,7 @@ from runtime_python.server import prctl
 
 from .config import Function
 from .environment import RUNTIME_ROOT, base_environment
+from .isolation import RunAs
 from .lifecycle import describe_exit
 
 log = logging.getLogger(__name__)
@@ -73,12 +74,58 @@ def become_subreaper() -> bool:
     return prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
-def forkable(function: Function) -> bool:
-    """Whether an instance of `function` can be a fork of the template (same interpreter, and no
-    variable the interpreter reads only at start-up)."""
-    if function.python and os.path.realpath(function.python) != os.path.realpath(sys.executable):
+def forkable(function: Function, paths: Sequence[str] = (), who: Optional[RunAs] = None) -> bool:
+    """Whether an instance of `function` can be a fork of the template: the same environment (a
+    `python:` of another venv is not, though its binary is ours), no variable the interpreter
+    reads only at start-up, and no package of its own that the template has imported already (a
+    fork would keep the template's version; a new interpreter imports the function's)."""
+    if function.python and interpreter_prefix(function.python, who) != (sys.prefix, sys.version):
         return False
-    return not any(key in _START_ONLY or key.startswith("LD_") for key in function.env)
+    if any(key in _START_ONLY or key.startswith("LD_") for key in function.env):
+        return False
+    return not any(shadowed(path) for path in paths)
+
+
+_prefixes: Dict[Tuple[str, int], Optional[Tuple[str, str]]] = {}
+
+
+def interpreter_prefix(python: str, who: Optional[RunAs]) -> Optional[Tuple[str, str]]:
+    """(sys.prefix, sys.version) of the interpreter `python`, asked once, as `who` (its venv's
+    .pth files run as the function's user, not ours); None when it cannot be run."""
+    uid = who.uid if who is not None else os.getuid()
+    if (python, uid) not in _prefixes:
+        user = {"user": who.uid, "group": who.gid, "extra_groups": []} if who is not None and who.switches else {}
+        try:
+            lines = subprocess.run([python, "-I", "-c", "import sys; print(sys.prefix); print(sys.version)"],
+                                   capture_output=True, text=True, timeout=30, cwd="/",
+                                   env=base_environment(), **user).stdout.splitlines()
+            _prefixes[(python, uid)] = (lines[0], "\n".join(lines[1:])) if len(lines) >= 2 else None
+        except (OSError, subprocess.SubprocessError):
+            _prefixes[(python, uid)] = None
+    return _prefixes[(python, uid)]
+
+
+def shadowed(path: str) -> bool:
+    """Whether the packages in `path` hold a top-level module this process has imported (the
+    template imports a subset of ours: gRPC, protobuf and the standard library's)."""
+    return any(name in sys.modules for name in top_level_names(path))
+
+
+def top_level_names(path: str) -> Set[str]:
+    """The importable top-level names a `pip install --target` directory holds."""
+    names = set()
+    try:
+        entries = os.listdir(path)
+    except OSError:
+        return names
+    for entry in entries:
+        if entry.endswith((".dist-info", ".egg-info", ".data")) or entry in ("bin", "__pycache__"):
+            continue
+        if os.path.isdir(os.path.join(path, entry)):
+            names.add(entry)
+        elif entry.endswith((".py", ".so", ".pyd")):
+            names.add(entry.split(".", 1)[0])
+    return names
 
 
 class ForkedProcess:

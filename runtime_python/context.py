@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from types import SimpleNamespace
-from typing import Any, Dict, Optional, Tuple, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 # What a nested call leaves its caller to answer in, of the caller's own time.
 _INVOKE_MARGIN_MS = 100
@@ -78,8 +78,9 @@ class Context(dict):
     function = FunctionMeta(name="", handler="", memory=0, timeout=0, initializer="")
     service = ServiceMeta(name="", log_project="", log_store="", qualifier="LATEST", version_id="")
     _static: Dict[str, Any] = {}
-    content_type = ""           # an HTTP invocation's Content-Type
+    content_type = ""           # an HTTP invocation's Content-Type, or an MQTT 5 message's
     call_chain: Tuple[str, ...] = ()   # the functions waiting on this invocation (context.invoke)
+    output_properties: Optional[List[Tuple[str, str]]] = None   # MQTT 5 user properties to publish
 
     def __init__(self, request_id: str, instance_id: str = "", topic: str = "", qos: int = 0,
                  timestamp_ms: int = 0, deadline: Optional[float] = None) -> None:
@@ -149,6 +150,15 @@ class Context(dict):
 
     def getLogger(self) -> Logger:
         return Logger(self.request_id)
+
+    # -- MQTT 5 ---------------------------------------------------------------------------------
+
+    def set_user_property(self, name: str, value: Any) -> None:
+        """Add an MQTT 5 user property to this invocation's output (or error envelope), as many
+        as wanted; the request's own are in `context['userProperties']`."""
+        if self.output_properties is None:
+            self.output_properties = []
+        self.output_properties.append((str(name), str(value)))
 
     # -- calling other functions ---------------------------------------------------------------
 

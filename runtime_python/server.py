@@ -91,6 +91,7 @@ class Runtime:
                                request.timestamp_ms, started + request.timeout_ms / 1000)
         if request.content_type:
             context.content_type = context["contentType"] = request.content_type
+        context["userProperties"] = {p.name: p.value for p in request.user_properties}
         if request.call_chain:
             context.call_chain = tuple(request.call_chain)
         http = request.http if request.HasField("http") else None
@@ -126,6 +127,8 @@ class Runtime:
         finally:
             signal.pthread_sigmask(signal.SIG_BLOCK, _FATAL)
         flush_output()
+        if context.output_properties:
+            response.user_properties.extend(pb.Header(name=k, value=v) for k, v in context.output_properties)
         response.duration_us = int((time.monotonic() - started) * 1e6)
         response.max_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return response
@@ -226,7 +229,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     sys.stdout = LineWriter(1, budget, "<stdout>")
     sys.stderr = LineWriter(2, budget, "<stderr>")
 
+    # The code directory first, then the function's own packages (requirements.txt), then ours.
+    sys.path[0:0] = [codedir] + [path for path in spec.pop("paths", []) if path not in sys.path]
     try:
+        if not args.forked:
+            needs_runtime_packages()
         handler = load(args.handler, codedir, "handler")
         if args.initializer:
             initializer = load(args.initializer, codedir, "initializer")
@@ -246,7 +253,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except LoadError as exc:
         return load_failed(status, exc)
 
-    server = serve(Runtime(args, spec, handler, budget), args.socket)
+    try:
+        server = serve(Runtime(args, spec, handler, budget), args.socket)
+    except ImportError as exc:   # a pinned protobuf or grpcio the runtime cannot work with
+        return load_failed(status, LoadError(
+            f"the runtime cannot import what it needs under {sys.executable}: {exc}", []))
     report(status, {"ready": os.getpid()})
 
     stopping = threading.Event()
@@ -262,6 +273,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     server.stop(grace=None).wait()
     flush_output()
     return 0
+
+
+# What the runtime itself imports, by distribution name: an interpreter given as `python:` needs them.
+_RUNTIME_PACKAGES = (("grpc", "grpcio"), ("google.protobuf", "protobuf"))
+
+
+def needs_runtime_packages() -> None:
+    """Raise LoadError naming what this interpreter lacks of the runtime's own packages."""
+    import importlib.util
+    missing = []
+    for module, distribution in _RUNTIME_PACKAGES:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:   # google is not even a package here
+            found = False
+        if not found:
+            missing.append(distribution)
+    if missing:
+        raise LoadError(f"{sys.executable} lacks {' and '.join(missing)}, which the runtime needs: "
+                        f"install them into it ({sys.executable} -m pip install {' '.join(missing)})", [])
 
 
 def serve(runtime: Runtime, path: str) -> Any:

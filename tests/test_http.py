@@ -379,7 +379,7 @@ def test_healthz_turns_503_when_the_broker_goes(broker, daemon_factory):
     daemon, port = serving(daemon_factory, [function("echo", "tools.echo", instance={"min": 1})],
                            {"fn/tools.py": TOOLS})
     wait_until(lambda: request(port, "GET", "/healthz")[0] == 200, message="healthy")
-    assert json.loads(request(port, "GET", "/healthz")[2]) == {"status": "ok", "reasons": []}
+    assert json.loads(request(port, "GET", "/healthz")[2]) == {"status": "ok", "reasons": [], "warnings": []}
     broker.stop()
     wait_until(lambda: request(port, "GET", "/healthz")[0] == 503, message="unhealthy")
     reasons = json.loads(request(port, "GET", "/healthz")[2])["reasons"]
