@@ -314,7 +314,8 @@ class Publisher(_Connection):
         self._waiting: Dict[int, Callable[[], None]] = {}   # mid -> then, for QoS 1
         # Outcomes beyond paho's buffer (hub.buffer.max, while the broker is away) wait here, and
         # the intakes pause until it empties: nothing is refused, and memory stays bounded.
-        self._backlog: Deque[Tuple[str, bytes, int, Callable[[], None]]] = collections.deque()
+        self._backlog: Deque[Tuple[str, bytes, int, Callable[[], None], Optional[Properties]]] = \
+            collections.deque()
         self._intakes: List[Intake] = []
         self._closing = False
         self._client.max_inflight_messages_set(100)
@@ -332,7 +333,8 @@ class Publisher(_Connection):
             self._intakes.remove(intake)
             intake.resume("publisher")
 
-    def publish(self, topic: str, payload: bytes, qos: int, then: Callable[[], None]) -> bool:
+    def publish(self, topic: str, payload: bytes, qos: int, then: Callable[[], None],
+                properties: Optional[Properties] = None) -> bool:
         """Publish (on the loop); call `then()` once the broker has it (QoS 1) or once it is sent
         (QoS 0). False when the outcome could not be kept: QoS 0 without a connection, or stopping."""
         if self._closing:
@@ -340,9 +342,9 @@ class Publisher(_Connection):
         if self._backlog:
             if qos == 0:
                 return False
-            self._backlog.append((topic, payload, qos, then))
+            self._backlog.append((topic, payload, qos, then, properties))
             return True
-        info = self._client.publish(topic, payload, qos)
+        info = self._client.publish(topic, payload, qos, properties=properties)
         rc = info.rc
         if qos == 0:
             if rc != mqtt.MQTT_ERR_SUCCESS:
@@ -350,7 +352,7 @@ class Publisher(_Connection):
             then()
             return True
         if rc == mqtt.MQTT_ERR_QUEUE_SIZE:
-            self._backlog.append((topic, payload, qos, then))
+            self._backlog.append((topic, payload, qos, then, properties))
             log.warning("publisher: %d outcomes wait for the broker (hub.buffer.max): pausing intake",
                         len(self._client._out_messages))
             for intake in self._intakes:
@@ -371,10 +373,10 @@ class Publisher(_Connection):
         """Hand what waits to paho as the broker makes room; intake resumes once all is taken."""
         backlog = self._backlog
         while backlog and len(self._client._out_messages) < self._hub.buffer_max:
-            topic, payload, qos, then = backlog.popleft()
-            info = self._client.publish(topic, payload, qos)
+            topic, payload, qos, then, properties = entry = backlog.popleft()
+            info = self._client.publish(topic, payload, qos, properties=properties)
             if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
-                backlog.appendleft((topic, payload, qos, then))
+                backlog.appendleft(entry)
                 return
             self._waiting[info.mid] = then
         if not backlog:

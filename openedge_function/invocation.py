@@ -26,7 +26,7 @@ class Invocation:
     Both are called on the data plane's loop."""
 
     __slots__ = ("request_id", "topic", "qos", "payload", "timestamp_ms", "mid", "done", "abandon",
-                 "context", "attempts", "solo", "extra", "slot")
+                 "context", "attempts", "solo", "extra", "slot", "reply", "expires")
 
     def __init__(self, request_id: str, topic: str, qos: int, payload: bytes, timestamp_ms: int,
                  mid: int, done: Callable[["Invocation", Outcome], None],
@@ -44,3 +44,5 @@ class Invocation:
         self.solo = False   # runs in a batch of its own (after a batch it was in failed)
         self.extra: Optional[dict] = None   # more InvokeRequest fields (HTTP: content_type, http, ...)
         self.slot = -1      # its slot in the in-flight journal, -1 for none
+        self.reply: Any = None    # MQTT 5: (response topic, correlation data) of a request
+        self.expires = 0.0        # MQTT 5: when (monotonic) it expires unrun; 0 for never

@@ -4,6 +4,11 @@ The hot path is here and in the pool, all of it on the data plane's loop: no JSO
 runtime does that, on the instance's own core), no threads, no locks, the payload passed along as
 paho delivered it.
 
+MQTT 5 (`hub.protocol: 5`): a message with a response topic gets its outcome there, with its
+correlation data, instead of on the rule's `publish` (or `error`) topic; its user properties and
+content type reach the handler's context; every outcome says its content type and carries the user
+properties the handler set; a QoS 1 message that expires while it waits is acknowledged unrun.
+
 Every message ends in `_settle`: acknowledged to the broker (QoS 1) once its outcome is published,
 or left unacknowledged for the broker to deliver again when the outcome could not be published.
 """
@@ -13,14 +18,18 @@ import collections
 import logging
 import time
 import uuid
-from typing import Deque, Dict, Optional
+from typing import Any, Deque, Dict, Optional, Tuple
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from .config import Function, Hub, Rule
+from runtime_python._pb import function_pb2 as pb
+
+from .config import Function, Hub, Publication, Rule
 from .dataplane import DataPlane
 from .errors import (FunctionLoadError, HandlerError, InstanceCrashed, InvocationError,
-                     MessageTooLarge, Packet, PoisonMessage, build_envelope, error_of)
+                     MessageExpired, MessageTooLarge, Packet, PoisonMessage, build_envelope, error_of)
 from .hub import Intake, Publisher
 from .invocation import Invocation, Outcome, new_request_id
 from .journal import CRASHES, Journal, key
@@ -28,7 +37,8 @@ from .pool import Pool
 
 log = logging.getLogger(__name__)
 
-_NONE, _ERROR = 0, 3   # InvokeResponse.Kind values the dispatcher tells apart
+_NONE, _BYTES, _ERROR = 0, 1, 3   # InvokeResponse.Kind values the dispatcher tells apart
+_JSON_TYPE, _BYTES_TYPE = "application/json", "application/octet-stream"
 
 
 class RuleRunner:
@@ -63,6 +73,8 @@ class RuleRunner:
         self.published = 0
         self.failed = 0
         self.dropped = 0
+        self.expired = 0
+        self._v5 = hub.protocol == 5
 
     def use(self, function: Function, pool: Pool) -> None:
         """Send the next messages to `pool` (its function changed on reload). On the loop."""
@@ -119,6 +131,8 @@ class RuleRunner:
                     f"function {self.function.name} does not run it again"))
                 return
             invocation.slot = journal.add(digest)
+        if self._v5 and message.properties is not None:
+            self._request(invocation, message.properties)
         if len(payload) > self._message_max:
             self._done(invocation, MessageTooLarge(
                 f"the message has {len(payload)} bytes, over the limit of {self._message_max} "
@@ -128,6 +142,25 @@ class RuleRunner:
             return
         if not self.pool.submit(invocation, droppable=qos == 0 and self._drop_qos0):
             self._drop(invocation)
+
+    @staticmethod
+    def _request(invocation: Invocation, properties: Properties) -> None:
+        """MQTT 5: what the message asks of its outcome, and what the handler sees of it."""
+        extra = {}
+        content_type = getattr(properties, "ContentType", None)
+        if content_type:
+            extra["content_type"] = content_type
+        users = getattr(properties, "UserProperty", None)
+        if users:
+            extra["user_properties"] = [pb.Header(name=name, value=value) for name, value in users]
+        if extra:
+            invocation.extra = extra
+        response = getattr(properties, "ResponseTopic", None)
+        if response:
+            invocation.reply = (response, getattr(properties, "CorrelationData", None))
+        expiry = getattr(properties, "MessageExpiryInterval", None)
+        if expiry and invocation.qos:
+            invocation.expires = time.monotonic() + expiry
 
     def _wait_turn(self, invocation: Invocation) -> bool:
         """ordered: True when another message of the topic is in progress and this one waits."""
@@ -166,15 +199,42 @@ class RuleRunner:
             return
         kind = outcome.kind
         if kind == _ERROR:
-            self._fail(invocation, error_of(outcome))
+            self._fail(invocation, error_of(outcome), outcome.user_properties)
             return
         publish = self._publish
-        if kind == _NONE or publish is None:
+        if kind == _NONE or (publish is None and invocation.reply is None):
             self._settle(invocation)
             return
-        self._send(invocation, publish.topic, outcome.payload, min(invocation.qos, publish.qos))
+        if not self._v5:
+            self._send(invocation, publish.topic, outcome.payload, min(invocation.qos, publish.qos))
+            return
+        topic, qos, properties = self._outcome(invocation, publish, outcome.user_properties,
+                                               _BYTES_TYPE if kind == _BYTES else _JSON_TYPE)
+        self._send(invocation, topic, outcome.payload, qos, properties)
 
-    def _fail(self, invocation: Invocation, error: InvocationError) -> None:
+    def _outcome(self, invocation: Invocation, target: Optional[Publication], users: Any,
+                 content_type: str) -> Tuple[str, int, Properties]:
+        """MQTT 5: where an outcome goes (the request's response topic, else `target`), at which
+        QoS, with which properties."""
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.ContentType = content_type
+        for header in users or ():
+            properties.UserProperty = (header.name, header.value)
+        if invocation.reply is not None:
+            topic, correlation = invocation.reply
+            if correlation is not None:
+                properties.CorrelationData = correlation
+            return topic, min(invocation.qos, target.qos if target is not None else 1), properties
+        assert target is not None
+        return target.topic, min(invocation.qos, target.qos), properties
+
+    def _fail(self, invocation: Invocation, error: InvocationError, users: Any = None) -> None:
+        if isinstance(error, MessageExpired):
+            self.expired += 1
+            log.info("rule %s: request %s on %s: %s; acknowledged, not run", self.rule.name,
+                     invocation.request_id, invocation.topic, error.message)
+            self._settle(invocation)
+            return
         self.failed += 1
         # A handler's exception is its answer; a load failure is logged once, by the pool.
         level = logging.INFO if isinstance(error, HandlerError) else (
@@ -182,17 +242,22 @@ class RuleRunner:
         log.log(level, "rule %s: function %s request %s: %s: %s", self.rule.name,
                 self.function.name, invocation.request_id, error.error_type, error.message)
         target = self._error
-        if target is None:
+        if target is None and invocation.reply is None:
             self._settle(invocation)
             return
         retain, dup, _ = invocation.context
         payload = b"" if isinstance(error, MessageTooLarge) else invocation.payload
         packet = Packet(invocation.topic, payload, invocation.qos, retain, dup, invocation.mid)
         envelope = build_envelope(error, invocation.request_id, self.function.name, packet)
-        self._send(invocation, target.topic, envelope, min(invocation.qos, target.qos))
+        if not self._v5:
+            self._send(invocation, target.topic, envelope, min(invocation.qos, target.qos))
+            return
+        topic, qos, properties = self._outcome(invocation, target, users, _JSON_TYPE)
+        self._send(invocation, topic, envelope, qos, properties)
 
-    def _send(self, invocation: Invocation, topic: str, payload: bytes, qos: int) -> None:
-        if self.publisher.publish(topic, payload, qos, lambda: self._settle(invocation)):
+    def _send(self, invocation: Invocation, topic: str, payload: bytes, qos: int,
+              properties: Optional[Properties] = None) -> None:
+        if self.publisher.publish(topic, payload, qos, lambda: self._settle(invocation), properties):
             self.published += 1
         else:
             log.debug("rule %s: the outcome of request %s was not published", self.rule.name,
@@ -234,4 +299,4 @@ class RuleRunner:
 
     def stats(self) -> dict:
         return {"received": self.received, "published": self.published, "failed": self.failed,
-                "dropped": self.dropped, "pending": self.pending}
+                "dropped": self.dropped, "expired": self.expired, "pending": self.pending}

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 from runtime_python._pb import function_pb2 as pb
 
-from .errors import FunctionTimeout, InstanceCrashed, InvocationError, MemoryLimitExceeded
+from .errors import FunctionTimeout, InstanceCrashed, InvocationError, MemoryLimitExceeded, MessageExpired
 from .instance import Instance, StreamBroken
 from .invocation import Invocation
 from .lifecycle import State
@@ -91,6 +91,12 @@ class Worker:
         instance is not reusable (it timed out, crashed or ran out of memory)."""
         pool, instance = self.pool, self.instance
         started = time.monotonic()
+        for invocation in batch:
+            if invocation.expires and invocation.expires < started:
+                batch = self._unexpired(batch, started)
+                if not batch:
+                    return True
+                break
         instance.deadline = started + pool.timeout   # before BUSY: the deadline check reads both
         instance.request_id = batch[0].request_id
         instance.lifecycle.to(State.BUSY)
@@ -122,6 +128,18 @@ class Worker:
                     observe(outcome, seconds)
             invocation.done(invocation, response)
         return True
+
+    @staticmethod
+    def _unexpired(batch: List[Invocation], now: float) -> List[Invocation]:
+        """MQTT 5: what expired while it waited is not run (its requester gave up on it)."""
+        live = []
+        for invocation in batch:
+            if invocation.expires and invocation.expires < now:
+                invocation.done(invocation, MessageExpired(
+                    f"the message expired {now - invocation.expires:.1f}s before an instance was free"))
+            else:
+                live.append(invocation)
+        return live
 
     async def _failed(self, batch: List[Invocation], seconds: float) -> None:
         """The stream broke during a batch. Alone, the invocation gets its envelope; in a batch,

@@ -1,0 +1,112 @@
+"""MQTT 5 request/response: response topic, correlation data, user properties, content type and
+message expiry, end to end through a real mosquitto."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any, List
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from tests.helpers import Broker, function, rule, wait_until
+
+
+class V5Client:
+    """An MQTT 5 client that records what arrives, properties included."""
+
+    def __init__(self, broker: Broker, topics: List[str]) -> None:
+        self.messages: List[mqtt.MQTTMessage] = []
+        self._ready = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"v5-{time.monotonic_ns()}",
+                                  protocol=mqtt.MQTTv5)
+        self.client.on_message = lambda c, u, message: self.messages.append(message)
+        self.client.on_subscribe = lambda *a: self._ready.set()
+        self.client.on_connect = lambda c, *a: c.subscribe([(t, 1) for t in topics])
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        assert self._ready.wait(10)
+
+    def request(self, topic: str, payload: bytes, **props: Any) -> None:
+        properties = Properties(PacketTypes.PUBLISH)
+        for key, value in props.items():
+            if key == "UserProperty":
+                for pair in value:
+                    properties.UserProperty = pair
+            else:
+                setattr(properties, key, value)
+        self.client.publish(topic, payload, 1, properties=properties).wait_for_publish(10)
+
+    def on(self, topic: str) -> List[mqtt.MQTTMessage]:
+        return [m for m in list(self.messages) if m.topic == topic]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+REPLIER = """
+import time
+
+def handler(event, context):
+    if event == b"raw":
+        return b"bytes!"
+    if event.get("sleep"):
+        time.sleep(event["sleep"])
+    context.set_user_property("handled-by", context["functionName"])
+    if event.get("fail"):
+        raise RuntimeError("asked to fail")
+    return {"props": context["userProperties"], "ct": context.content_type, "n": event.get("n")}
+"""
+
+
+def test_mqtt5_request_response_with_correlation_properties_and_expiry(broker, daemon_factory):
+    daemon = daemon_factory(
+        [function("f", "h.handler", instance={"max": 1})],
+        [rule("r", "req", "f", "default/out", error={"topic": "default/err", "qos": 1})],
+        files={"fn/h.py": REPLIER},
+        hub={"address": broker.address, "clientid": "oef-v5", "protocol": 5})
+    client = V5Client(broker, ["my/resp", "default/#"])
+    try:
+        client.request("req", b'{"n": 1}', ResponseTopic="my/resp", CorrelationData=b"\x01\x02",
+                       UserProperty=[("k", "v"), ("trace", "abc")], ContentType="application/json")
+        client.request("req", b'{"fail": true}', ResponseTopic="my/resp", CorrelationData=b"f")
+        client.request("req", b'{"n": 3}')
+        client.request("req", b"raw", ResponseTopic="my/resp", CorrelationData=b"r")
+        wait_until(lambda: len(client.on("my/resp")) == 3 and client.on("default/out"), 20)
+        replies = {m.properties.CorrelationData: m for m in client.on("my/resp")}
+
+        answer = replies[b"\x01\x02"]
+        assert json.loads(answer.payload) == {"props": {"k": "v", "trace": "abc"},
+                                              "ct": "application/json", "n": 1}
+        assert answer.properties.ContentType == "application/json"
+        assert ("handled-by", "f") in answer.properties.UserProperty
+
+        envelope = replies[b"f"]
+        assert json.loads(envelope.payload)["errorType"] == "RuntimeError"
+        assert envelope.properties.ContentType == "application/json"
+        assert ("handled-by", "f") in envelope.properties.UserProperty
+
+        assert replies[b"r"].payload == b"bytes!"
+        assert replies[b"r"].properties.ContentType == "application/octet-stream"
+
+        plain = client.on("default/out")
+        assert len(plain) == 1 and json.loads(plain[0].payload)["n"] == 3
+        assert plain[0].properties.ContentType == "application/json"
+        assert not client.on("default/err"), "an outcome with a response topic went elsewhere too"
+
+        # Expiry: a request that waits longer than it lives is not run.
+        client.request("req", b'{"sleep": 2.5}', ResponseTopic="my/resp", CorrelationData=b"slow")
+        time.sleep(0.3)
+        client.request("req", b'{"n": 5}', ResponseTopic="my/resp", CorrelationData=b"late",
+                       MessageExpiryInterval=1)
+        client.request("req", b'{"n": 6}', ResponseTopic="my/resp", CorrelationData=b"after")
+        wait_until(lambda: any(m.properties.CorrelationData == b"after" for m in client.on("my/resp")), 20)
+        correlations = [m.properties.CorrelationData for m in client.on("my/resp")]
+        assert b"slow" in correlations and b"late" not in correlations
+        assert "acknowledged, not run" in daemon.log()
+    finally:
+        client.close()
