@@ -27,6 +27,7 @@ broker:
 	@bash scripts/ensure-broker.sh
 
 run: install broker
+	@echo "the CLI (openedge-function invoke|status|run|new) is in $(VENV)/bin: in another terminal, . $(VENV)/bin/activate"
 	$(VENV)/bin/openedge-function -c $(CONFIG)
 
 check: install

@@ -117,6 +117,8 @@ def _status(client: Client) -> int:
     print(f"daemon pid {status['pid']}, up {status['uptime_s']}s, broker {status['broker']['address']} "
           f"({'connected' if status['broker']['connected'] else 'NOT connected'}), "
           f"{'healthy' if status['healthy'] else 'UNHEALTHY: ' + '; '.join(status['reasons'])}")
+    for warning in status.get("warnings", []):
+        print(f"warning: {warning}")
     print("functions:")
     for name, fn in status["functions"].items():
         states = ", ".join(f"{count} {state}" for state, count in sorted(fn["states"].items())) or "none"

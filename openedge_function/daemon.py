@@ -381,6 +381,8 @@ class Daemon:
     def _maintain(self) -> None:
         for pool in self.pools.values():
             pool.check_memory()
+        for pool in list(self._candidates.values()):
+            pool.check_memory()
         for pool in list(self._leaving):
             pool.check_memory()
             if pool.join(0):

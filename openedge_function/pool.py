@@ -61,6 +61,7 @@ class Pool:
         self._retiring = 0
         self._seq = 0
         self._closed = False
+        self._successor: Optional["Pool"] = None   # the same function's new code, once it took over
         self.aborting = False
         self._failure: Optional[InvocationError] = None
         self._retry_at = 0.0
@@ -125,8 +126,8 @@ class Pool:
         return self.plane.run(self._take, invocation, "refuse", callers)
 
     def _take(self, invocation: Invocation, when_full: str, callers: int = 0) -> Optional[str]:
-        if self._closed:
-            return "closed"
+        if self._closed:   # a call that found this pool just before new code took over goes on
+            return "closed" if self._successor is None else self._successor._take(invocation, when_full, callers)
         if self._idle:
             self._idle.pop().assign(invocation)
             return None
@@ -277,6 +278,7 @@ class Pool:
         """Close, and give what is queued to `successor` (the same function's new code): what
         runs finishes here, nothing queued runs on the old code."""
         self._close()
+        self._successor = successor
         moved = self.backlog.clear()
         self._check_room()
         for invocation in moved:
