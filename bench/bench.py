@@ -5,7 +5,8 @@ numbered and timestamped messages:
   1. the ceiling: an in-process relay (bench/relay.py: subscribe, call the handler, publish);
   2. the daemon with a trivial echo function (instance.max from --max), warm:
      flat out at QoS 0 and QoS 1, then at fixed rates for latency;
-  3. cold start: the first reply from a daemon whose pool starts empty;
+  3. cold start: the first reply from a daemon whose pool starts empty; code reload: from an
+     edit of the handler to the first reply of the new code;
   4. resident memory of the supervisor and of each idle instance.
 Ratios within one run are the figures that count; absolute numbers on a shared machine drift.
 Results: a table on stdout, JSON in --out, a latency histogram PNG with --plot.
@@ -56,6 +57,7 @@ class Driver:
         self.latencies: List[float] = []
         self.first_sent = 0.0
         self.last_reply = 0.0
+        self.last_gen: Optional[int] = None   # the code generation the last reply came from
         self._lock = threading.Lock()
         ready = threading.Event()
         self.sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{os.getpid()}")
@@ -81,6 +83,7 @@ class Driver:
             return
         if reply.get("run") != self.run_id:
             return
+        self.last_gen = reply.get("gen")
         with self._lock:
             seq = reply["seq"]
             self.received[seq] = self.received.get(seq, 0) + 1
@@ -237,6 +240,27 @@ def cold_start(workdir: str, port: int, driver: Driver, tries: int) -> dict:
     return {"first_reply_ms": times, "median_ms": round(statistics.median(times), 1) if times else None}
 
 
+def code_reload(workdir: str, port: int, driver: Driver, tries: int) -> dict:
+    """Time from an edit of the handler to the first reply of the new code (messages keep coming)."""
+    daemon = DaemonUnderTest(workdir, port, 1, 1, "reload")
+    daemon.start(warm=1)
+    path = os.path.join(daemon.workdir, "fn", "echo.py")
+    times = []
+    try:
+        for gen in range(1, tries + 1):
+            time.sleep(1.0)
+            with open(path, "w") as fh:
+                fh.write(f"def handler(event, context):\n    event['gen'] = {gen}\n    return event\n")
+            start = time.monotonic()
+            while driver.last_gen != gen and time.monotonic() - start < 15:
+                driver.run(1, 1, settle=1.0)
+            if driver.last_gen == gen:
+                times.append(round((time.monotonic() - start) * 1000, 1))
+    finally:
+        daemon.stop()
+    return {"edit_to_new_code_ms": times, "median_ms": round(statistics.median(times), 1) if times else None}
+
+
 def relay_ceiling(port: int, driver: Driver, count: int, codedir: str, rates: List[float],
                   duration: float) -> dict:
     """Flat out, and latency at the fixed rates the daemon gets (up to 1000/s): the floor that
@@ -319,6 +343,7 @@ def main() -> int:
                         help="measure this many times (relay and daemon each time); the table shows "
                              "the median and the range")
     parser.add_argument("--cold", type=int, default=3, help="cold starts to time")
+    parser.add_argument("--reloads", type=int, default=5, help="code edits to time")
     parser.add_argument("--broker", help="host:port of a broker to use instead of starting one")
     parser.add_argument("--out", default=os.path.join(ROOT, "var", "bench.json"))
     parser.add_argument("--plot", nargs="?", const=os.path.join(ROOT, "var", "bench-latency.png"),
@@ -350,6 +375,9 @@ def main() -> int:
         say("cold start: first reply from an empty pool")
         results["cold_start"] = cold_start(workdir, port, driver, args.cold)
         say(f"  {results['cold_start']['first_reply_ms']} ms")
+        say("code reload: from an edit of the handler to the first reply of the new code")
+        results["code_reload"] = code_reload(workdir, port, driver, args.reloads)
+        say(f"  {results['code_reload']['edit_to_new_code_ms']} ms")
     finally:
         driver.close()
         if broker is not None:
@@ -420,6 +448,10 @@ def table(results: dict) -> str:
                      f"{_median(runs, ['latency', key, 'cpu_ms_per_message', 'instances'])} |")
     cold = results["cold_start"]
     lines.append(f"| cold start, first reply, ms (median of {len(cold['first_reply_ms'])}) | | {cold['median_ms']} | | | | |")
+    reload = results.get("code_reload")
+    if reload:
+        lines.append(f"| code reload, edit to the new code's first reply, ms (median of "
+                     f"{len(reload['edit_to_new_code_ms'])}) | | {reload['median_ms']} | | | | |")
     memory = runs[-1]["memory"]
     lines.append(f"| resident memory, supervisor with {len(memory['instances_mb'])} instances, MB | | "
                  f"{_median(runs, ['memory', 'supervisor_mb'])} | | | | |")
