@@ -89,7 +89,7 @@ def test_an_edit_under_load_takes_over_with_nothing_lost_or_answered_twice(broke
     assert all(versions[n] == 1 for n in range(total // 3))
     assert daemon.log().count("starting an instance of the new code") == 1
     took = re.search(r"function f: the new code serves, (\d+) ms after the change", daemon.log())
-    assert took and int(took.group(1)) < 2000, daemon.log()[-2000:]
+    assert took and int(took.group(1)) < 2500, daemon.log()[-2000:]
 
 
 def test_new_code_that_does_not_load_leaves_the_old_code_serving(broker, daemon_factory, collector):
