@@ -18,7 +18,7 @@ import collections
 import logging
 import time
 import uuid
-from typing import Any, Deque, Dict, Optional, Tuple
+from typing import Any, Deque, Dict, Optional
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -205,17 +205,17 @@ class RuleRunner:
         if kind == _NONE or (publish is None and invocation.reply is None):
             self._settle(invocation)
             return
-        if not self._v5:
-            self._send(invocation, publish.topic, outcome.payload, min(invocation.qos, publish.qos))
-            return
-        topic, qos, properties = self._outcome(invocation, publish, outcome.user_properties,
-                                               _BYTES_TYPE if kind == _BYTES else _JSON_TYPE)
-        self._send(invocation, topic, outcome.payload, qos, properties)
+        self._deliver(invocation, publish, outcome.payload, outcome.user_properties,
+                      _BYTES_TYPE if kind == _BYTES else _JSON_TYPE)
 
-    def _outcome(self, invocation: Invocation, target: Optional[Publication], users: Any,
-                 content_type: str) -> Tuple[str, int, Properties]:
-        """MQTT 5: where an outcome goes (the request's response topic, else `target`), at which
-        QoS, with which properties."""
+    def _deliver(self, invocation: Invocation, target: Optional[Publication], payload: bytes,
+                 users: Any, content_type: str) -> None:
+        """Publish an outcome to `target`; under MQTT 5 to the request's response topic instead,
+        if it has one, with its correlation data, the outcome's content type and `users` (the
+        user properties the handler set)."""
+        if not self._v5:   # without a response topic, the callers have a target
+            self._send(invocation, target.topic, payload, min(invocation.qos, target.qos))  # type: ignore[union-attr]
+            return
         properties = Properties(PacketTypes.PUBLISH)
         properties.ContentType = content_type
         for header in users or ():
@@ -224,9 +224,11 @@ class RuleRunner:
             topic, correlation = invocation.reply
             if correlation is not None:
                 properties.CorrelationData = correlation
-            return topic, min(invocation.qos, target.qos if target is not None else 1), properties
-        assert target is not None
-        return target.topic, min(invocation.qos, target.qos), properties
+            qos = min(invocation.qos, target.qos if target is not None else 1)
+        else:
+            assert target is not None
+            topic, qos = target.topic, min(invocation.qos, target.qos)
+        self._send(invocation, topic, payload, qos, properties)
 
     def _fail(self, invocation: Invocation, error: InvocationError, users: Any = None) -> None:
         if isinstance(error, MessageExpired):
@@ -249,11 +251,7 @@ class RuleRunner:
         payload = b"" if isinstance(error, MessageTooLarge) else invocation.payload
         packet = Packet(invocation.topic, payload, invocation.qos, retain, dup, invocation.mid)
         envelope = build_envelope(error, invocation.request_id, self.function.name, packet)
-        if not self._v5:
-            self._send(invocation, target.topic, envelope, min(invocation.qos, target.qos))
-            return
-        topic, qos, properties = self._outcome(invocation, target, users, _JSON_TYPE)
-        self._send(invocation, topic, envelope, qos, properties)
+        self._deliver(invocation, target, envelope, users, _JSON_TYPE)
 
     def _send(self, invocation: Invocation, topic: str, payload: bytes, qos: int,
               properties: Optional[Properties] = None) -> None:
