@@ -524,6 +524,16 @@ def _parse_top(data: Any, file: str, workdir: str) -> Optional[AppConfig]:
                      server=server, defaults=defaults, packages=packages)
 
 
+def state_directory(workdir: str) -> str:
+    """Where the daemon keeps what outlives it: $STATE_DIRECTORY (systemd's StateDirectory=), else
+    the working directory."""
+    return os.environ.get("STATE_DIRECTORY") or workdir
+
+
+def default_package_cache(workdir: str) -> str:
+    return os.path.join(state_directory(workdir), ".openedge-function", "packages")
+
+
 def _parse_packages(r: _Reader, workdir: str) -> Packages:
     cache = r.get("cache", nonempty_string)
     links = r.data.get("findlinks")
@@ -544,9 +554,7 @@ def _parse_packages(r: _Reader, workdir: str) -> Packages:
     timeout = r.get("timeout", duration, 600.0)
     if timeout <= 0:
         _problem(r.fail("timeout", "must be above 0"))
-    state = os.environ.get("STATE_DIRECTORY") or workdir
-    return Packages(cache=os.path.join(workdir, cache) if cache else
-                    os.path.join(state, ".openedge-function", "packages"),
+    return Packages(cache=os.path.join(workdir, cache) if cache else default_package_cache(workdir),
                     find_links=tuple(find_links), index=index, timeout=timeout)
 
 

@@ -39,7 +39,7 @@ from .hub import Publisher
 from .isolation import RunAs, RunDir, plan, warn_readable_secrets
 from .journal import Journal, journal_path
 from .logs import setup_logging
-from .packages import Installer, PackageCache, requirements_of
+from .packages import Installer, PackageCache
 from .pool import Pool
 from .rules import RuleRunner
 from .template import Template, become_subreaper, reap_orphans
@@ -270,8 +270,9 @@ class Daemon:
         assert self._rundir is not None and self._watcher is not None
         who = self._users[function.name]
         sandbox = self._rundir.home(function, who, self._cgroups)
-        installed = self._packages.cached(function, who)
-        install = installed is None and requirements_of(function) is not None
+        key = self._packages.key(function, who)   # None: no requirements.txt
+        installed = self._packages.installed(key)
+        install = key is not None and installed is None
         pool = Pool(self.plane, function, sandbox, self._watcher, template=self._template,
                     warm=candidate, held=install)
         if installed is not None:

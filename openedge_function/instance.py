@@ -290,11 +290,10 @@ class Instance:
             except (OSError, ValueError) as exc:
                 log.warning("instance %s: the template cannot fork it (%s); starting a new "
                             "interpreter", self.id, exc)
-        user = {"user": who.uid, "group": who.gid, "extra_groups": []} if who.switches else {}
         process = subprocess.Popen(
             [fn.python or sys.executable, "-m", "runtime_python"] + argv, cwd="/", env=env,
             stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd,
-            pass_fds=(status_fd,), start_new_session=True, **user,
+            pass_fds=(status_fd,), start_new_session=True, **who.popen(),
         )
         own(process.pid)
         return process

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import zlib
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 from .cgroups import Cgroups
 from .config import AppConfig, Defaults, Function
@@ -49,6 +49,11 @@ class RunAs:
     def switches(self) -> bool:
         """Whether the instance runs as someone other than the daemon."""
         return self.uid != os.geteuid() or self.gid != os.getegid()
+
+    def popen(self) -> Dict[str, Any]:
+        """subprocess's arguments that start a child as this user, with no supplementary groups
+        (none when that is the daemon's own user)."""
+        return {"user": self.uid, "group": self.gid, "extra_groups": []} if self.switches else {}
 
     def __str__(self) -> str:
         return self.name

@@ -17,6 +17,8 @@ import mmap
 import os
 from typing import List, Set
 
+from .config import state_directory
+
 log = logging.getLogger(__name__)
 
 CRASHES = 3             # crashes in a row that a message must have been in flight at
@@ -113,8 +115,8 @@ class Journal:
 
 
 def journal_path(workdir: str) -> str:
-    """$STATE_DIRECTORY (systemd's StateDirectory=), else the working directory."""
-    return os.path.join(os.environ.get("STATE_DIRECTORY") or workdir, ".openedge-function.inflight")
+    """In the state directory (config.state_directory)."""
+    return os.path.join(state_directory(workdir), ".openedge-function.inflight")
 
 
 __all__ = ["Journal", "key", "journal_path", "CRASHES"]

@@ -9,6 +9,7 @@ envelope a rule would publish, with exit status 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -18,7 +19,9 @@ import threading
 import time
 from typing import List, Tuple
 
-from .config import Defaults, Function, Instance, Packages, byte_size, duration, load_config
+from runtime_python._pb import function_pb2 as pb
+
+from .config import Defaults, Function, Packages, byte_size, default_package_cache, duration, load_config
 from .dataplane import DataPlane
 from .errors import ConfigError, InvocationError, Packet, build_envelope, error_of
 from .invocation import Invocation, new_request_id
@@ -28,7 +31,7 @@ from .pool import Pool
 from .watch import Watcher
 
 EXIT_USAGE = 2
-_ERROR, _BYTES, _NONE = 3, 1, 0
+_ERROR, _BYTES, _NONE = pb.InvokeResponse.ERROR, pb.InvokeResponse.BYTES, pb.InvokeResponse.NONE
 
 
 class UsageError(Exception):
@@ -73,8 +76,7 @@ def _function(args: argparse.Namespace) -> Tuple[Function, RunAs, Packages]:
     """The function to run: from the configuration, else made from the directory and options."""
     workdir = os.path.abspath(args.workdir or os.getcwd())
     function = None
-    packages = Packages(cache=os.path.join(os.environ.get("STATE_DIRECTORY") or workdir,
-                                           ".openedge-function", "packages"))
+    packages = Packages(cache=default_package_cache(workdir))
     users = {}
     if args.config:
         config = load_config(args.config, workdir)
@@ -96,11 +98,10 @@ def _function(args: argparse.Namespace) -> Tuple[Function, RunAs, Packages]:
         memory = byte_size(args.memory) if args.memory else limits.memory
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    function = Function(**{**function.__dict__,
-                           "handler": args.handler or function.handler,
-                           "initializer": args.initializer or function.initializer,
-                           "instance": Instance(**{**limits.__dict__, "min": 0, "max": 1,
-                                                   "timeout": timeout, "memory": memory})})
+    function = dataclasses.replace(
+        function, handler=args.handler or function.handler,
+        initializer=args.initializer or function.initializer,
+        instance=dataclasses.replace(limits, min=0, max=1, timeout=timeout, memory=memory))
     who = users.get(function.name) or run_as(function, Defaults())
     return function, who, packages
 

@@ -65,9 +65,8 @@ class PackageCache:
             digest.update(b"\0" + part.encode())
         return f"{function.name}-{digest.hexdigest()[:16]}"
 
-    def cached(self, function: Function, who: RunAs) -> Optional[str]:
-        """The installed directory for `function`'s requirements, if it is there already."""
-        key = self.key(function, who)
+    def installed(self, key: Optional[str]) -> Optional[str]:
+        """The directory of `key` (from `key()`), if it is installed already."""
         if key is None:
             return None
         path = os.path.join(self.root, key)
@@ -107,7 +106,6 @@ class PackageCache:
                **{k: v for k, v in os.environ.items() if k.startswith("PIP_") or k.endswith("_proxy")
                   or k.endswith("_PROXY")}}
         env.pop("PYTHONDONTWRITEBYTECODE", None)   # compiled once here: instances cannot write
-        user = {"user": who.uid, "group": who.gid, "extra_groups": []} if who.switches else {}
         started = time.monotonic()
         log.info("function %s: installing %s as %s", function.name,
                  os.path.join(function.codedir, REQUIREMENTS), who)
@@ -115,7 +113,7 @@ class PackageCache:
             try:
                 done = subprocess.run(command, cwd=function.codedir, env=env, stdin=subprocess.DEVNULL,
                                       capture_output=True, text=True, errors="replace",
-                                      timeout=settings.timeout, **user)
+                                      timeout=settings.timeout, **who.popen())
             except subprocess.TimeoutExpired:
                 raise FunctionLoadError(f"{REQUIREMENTS} of function {function.name}: pip did not "
                                         f"finish within {settings.timeout:g}s (packages.timeout)") from None

@@ -96,12 +96,15 @@ def _read(path: str) -> Optional[str]:
 
 
 def _functions(text: str) -> List[str]:
+    """The names of the functions a configuration's text defines (none if it does not parse)."""
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError:
         return []
-    return [f.get("name") for f in (data.get("functions") or []) if isinstance(f, dict)] \
-        if isinstance(data, dict) and isinstance(data.get("functions") or [], list) else []
+    functions = data.get("functions") if isinstance(data, dict) else None
+    if not isinstance(functions, list):
+        return []
+    return [f.get("name") for f in functions if isinstance(f, dict)]
 
 
 def _indent(block: str, prefix: str) -> str:

@@ -94,11 +94,11 @@ def interpreter_prefix(python: str, who: Optional[RunAs]) -> Optional[Tuple[str,
     .pth files run as the function's user, not ours); None when it cannot be run."""
     uid = who.uid if who is not None else os.getuid()
     if (python, uid) not in _prefixes:
-        user = {"user": who.uid, "group": who.gid, "extra_groups": []} if who is not None and who.switches else {}
         try:
             lines = subprocess.run([python, "-I", "-c", "import sys; print(sys.prefix); print(sys.version)"],
                                    capture_output=True, text=True, timeout=30, cwd="/",
-                                   env=base_environment(), **user).stdout.splitlines()
+                                   env=base_environment(),
+                                   **(who.popen() if who is not None else {})).stdout.splitlines()
             _prefixes[(python, uid)] = (lines[0], "\n".join(lines[1:])) if len(lines) >= 2 else None
         except (OSError, subprocess.SubprocessError):
             _prefixes[(python, uid)] = None
