@@ -268,9 +268,15 @@ class Pool:
         self.held = False
         self._failure = error
         self._retry_at = float("inf")
-        doomed = [] if self._workers else self.backlog.clear()
-        self._check_room()
         self._first(error)
+        self._answer_waiting(error)
+
+    def _answer_waiting(self, error: InvocationError) -> None:
+        """With no instance left to serve it, what waits is answered with `error`."""
+        if self._workers:
+            return
+        doomed = self.backlog.clear()
+        self._check_room()
         for invocation in doomed:
             invocation.done(invocation, error)
 
@@ -294,15 +300,10 @@ class Pool:
         self._failure = error
         self._retry_at = time.monotonic() + self._backoff
         backoff, self._backoff = self._backoff, min(self._backoff * 2, _BACKOFF_MAX)
-        doomed: List[Invocation] = []
-        if not self._workers:
-            doomed = self.backlog.clear()
-            self._check_room()
         if not repeated:
             log.error("function %s: %s: %s (next try in %gs)", self.function.name,
                       error.error_type, error.message, backoff)
-        for invocation in doomed:
-            invocation.done(invocation, error)
+        self._answer_waiting(error)
 
     def next_batch(self, worker: Worker) -> Optional[List[Invocation]]:
         """The next queued invocations for `worker` (a batch); [] after marking it idle; None
