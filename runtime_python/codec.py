@@ -9,19 +9,25 @@ NONE, BYTES, JSON = 0, 1, 2
 
 
 def decode_event(payload: bytes) -> Any:
-    """The payload JSON-decoded when it is valid JSON, else the raw bytes; empty → {}."""
+    """The payload JSON-decoded when it is valid JSON, else the raw bytes; empty → {}.
+
+    Whatever a publisher sends decodes to one or the other: invalid UTF-8, a number past the
+    interpreter's digit limit (ValueError) and nesting deeper than the recursion limit
+    (RecursionError, raised by the C scanner before the stack runs out) all give the bytes.
+    """
     if not payload:
         return {}
     try:
         return json.loads(payload)
-    except ValueError:   # JSONDecodeError and UnicodeDecodeError both
+    except (ValueError, RecursionError):   # ValueError: JSONDecodeError and UnicodeDecodeError too
         return payload
 
 
 def encode_result(result: Any) -> Tuple[int, bytes]:
     """(kind, payload): None → nothing, bytes as they are, anything else JSON (UTF-8, non-ASCII kept).
 
-    Raises TypeError or ValueError when the value cannot be JSON-encoded.
+    Raises TypeError, ValueError (a lone surrogate, say) or RecursionError (nested too deep) when
+    the value cannot be JSON-encoded.
     """
     if result is None:
         return NONE, b""

@@ -84,8 +84,20 @@ class Runtime:
         self.budget = budget
 
     def invoke(self, request: Any, pb: Any) -> Any:
-        """Run the handler on one request; return an InvokeResponse (never raises)."""
+        """Run the handler on one request; return an InvokeResponse. Never raises: a fault in
+        building the answer (a lone surrogate in a user property, say) answers this request
+        alone, where a raise would break the stream and take its batch mates down with it."""
         started = time.monotonic()
+        try:
+            response = self._run(request, pb, started)
+        except Exception as exc:
+            response = pb.InvokeResponse(kind=pb.InvokeResponse.ERROR, error_type="ResultEncodingError",
+                                         error_message=_text(f"the outcome cannot be sent: {_describe(exc)}"))
+        response.duration_us = int((time.monotonic() - started) * 1e6)
+        response.max_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return response
+
+    def _run(self, request: Any, pb: Any, started: float) -> Any:
         self.budget.start(request.request_id)
         context = self.context(request.request_id, self.instance_id, request.topic, request.qos,
                                request.timestamp_ms, started + request.timeout_ms / 1000)
@@ -95,24 +107,23 @@ class Runtime:
         if request.call_chain:
             context.call_chain = tuple(request.call_chain)
         http = request.http if request.HasField("http") else None
-        if http is None:
-            event = request.payload if self.raw_events else codec.decode_event(request.payload)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _FATAL)
         try:
-            if http is not None:
+            if http is None:
+                event = request.payload if self.raw_events else codec.decode_event(request.payload)
+                result = self.handler(event, context)
+            else:
                 status, headers, body = wsgi.call(self.handler, http, request.payload, context)
                 result = pb.HttpResponse(status=status, body=body,
                                          headers=[pb.Header(name=k, value=v) for k, v in headers])
-            else:
-                result = self.handler(event, context)
         except SystemExit as exc:
             # A handler that exits ends its instance, as a process exit would.
             flush_output()
             os._exit(exc.code if isinstance(exc.code, int) else 1)
         except BaseException as exc:
             response = pb.InvokeResponse(kind=pb.InvokeResponse.ERROR, error_type=type(exc).__name__,
-                                         error_message=str(exc),
-                                         stack_trace=user_frames(exc, self.codedir))
+                                         error_message=_text(_message(exc)),
+                                         stack_trace=[_text(line) for line in user_frames(exc, self.codedir)])
         else:
             try:
                 if http is not None:
@@ -120,18 +131,38 @@ class Runtime:
                 else:
                     kind, payload = codec.encode_result(result)
                     response = pb.InvokeResponse(kind=kind, payload=payload)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, RecursionError) as exc:
                 response = pb.InvokeResponse(kind=pb.InvokeResponse.ERROR,
                                              error_type="ResultEncodingError",
-                                             error_message=f"the result cannot be encoded: {exc}")
+                                             error_message=_text(f"the result cannot be encoded: {_message(exc)}"))
         finally:
             signal.pthread_sigmask(signal.SIG_BLOCK, _FATAL)
         flush_output()
         if context.output_properties:
             response.user_properties.extend(pb.Header(name=k, value=v) for k, v in context.output_properties)
-        response.duration_us = int((time.monotonic() - started) * 1e6)
-        response.max_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return response
+
+
+def _message(exc: BaseException) -> str:
+    """str(exc), even when the exception's own __str__ raises."""
+    try:
+        return str(exc)
+    except Exception as inner:
+        return f"<{type(exc).__name__}.__str__ raised {type(inner).__name__}>"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_message(exc)}"
+
+
+def _text(value: str) -> str:
+    """`value` as a protobuf string can carry it: lone surrogates (a JSON "\\ud800" decodes to
+    one) are written as escapes."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def flush_output() -> None:
