@@ -40,6 +40,7 @@ class LineWriter(io.TextIOBase):
         self._fd = fd
         self._budget = budget
         self._pending: List[str] = []
+        self._pending_length = 0
         self._name = name
         self.buffer = _BinaryFront(self)
 
@@ -67,43 +68,61 @@ class LineWriter(io.TextIOBase):
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if self._budget.truncated:   # past the limit: nothing more is kept, not even in memory
+            self._pending, self._pending_length = [], 0
+            return len(text)
         if "\n" not in text:
             self._pending.append(text)
+            self._pending_length += len(text)
+            if self._pending_length > self._budget.left:   # cut anyway: send it, keep no more
+                self.flush()
             return len(text)
         *lines, rest = text.split("\n")
         if self._pending:
             lines[0] = "".join(self._pending) + lines[0]
-            self._pending = []
+            self._pending, self._pending_length = [], 0
         for line in lines:
             self._emit(line)
         if rest:
             self._pending.append(rest)
+            self._pending_length = len(rest)
         return len(text)
 
     def flush(self) -> None:
         """Send a partial line (at the end of an invocation)."""
         if self._pending:
-            line, self._pending = "".join(self._pending), []
+            line, self._pending, self._pending_length = "".join(self._pending), [], 0
             self._emit(line)
 
     def _emit(self, line: str) -> None:
         budget = self._budget
-        data = line.encode("utf-8", "replace")
-        if budget.left <= 0:
-            if budget.truncated:
-                return
-            budget.truncated = True
-            data = f"[output truncated: over {budget.limit} bytes in this invocation]".encode()
-        else:
-            budget.left -= len(data) + 1
-            if budget.left < 0:   # cut this line at the budget
-                data = data[:len(data) + budget.left]
-        record = f"{MARK}{budget.request_id}{SEPARATOR}".encode() + data + b"\n"
+        if budget.truncated:
+            return
+        room = budget.left
+        data = line[:room].encode("utf-8", "replace")   # a character is at least one byte
+        if len(data) < room:   # the line and its newline fit
+            budget.left = room - len(data) - 1
+            self._write(data)
+            return
+        # This line reaches the limit: what fits of it, then the marker, then nothing more.
+        budget.left = 0
+        budget.truncated = True
+        if room > 0:
+            self._write(data[:room])
+        self._write(truncation_marker(budget.limit).encode())
+
+    def _write(self, data: bytes) -> None:
+        record = f"{MARK}{self._budget.request_id}{SEPARATOR}".encode() + data + b"\n"
         try:
             while record:
                 record = record[os.write(self._fd, record):]
         except OSError:
             pass   # the daemon went away; the lifeline ends this process
+
+
+def truncation_marker(limit: int) -> str:
+    """The line that replaces what an invocation prints past `limit` bytes."""
+    return f"[output truncated: over {limit} bytes in this invocation]"
 
 
 class _BinaryFront:

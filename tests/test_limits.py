@@ -4,6 +4,7 @@ daemon and real instances."""
 from __future__ import annotations
 
 import json
+import re
 
 from tests.helpers import Collector, function, publish, rule, wait_until
 
@@ -74,3 +75,46 @@ def test_hostile_payloads_hurt_no_instance_and_no_batch_mate(broker, daemon_fact
     assert "InstanceCrashed" not in log and "failed during a batch" not in log
     assert log.count("instance hostile-1: ready") == 1 and "hostile-2" not in log
     assert "? printed" in log   # the surrogate is replaced in the log line
+
+
+TRUNCATED = '''
+import subprocess
+
+def handler(event, context):
+    print("y" * (50 << 20))
+    print("after the limit")
+    return "done"
+
+def shell(event, context):
+    # A subprocess writes to the instance's stdout itself: the runtime neither marks nor counts it.
+    subprocess.run(["sh", "-c", "yes from-a-subprocess | head -n 100000"], check=True)
+    return "done"
+'''
+
+
+def test_fifty_megabytes_printed_end_in_the_truncation_marker(broker, daemon_factory, collector):
+    daemon = daemon_factory([function("chatty", "chatty.handler", log={"max": "4k"})],
+                            [rule("r", "in", "chatty", "out")], files={"fn/chatty.py": TRUNCATED})
+    publish(broker, "in", b"{}")
+    [answer] = wait_until(lambda: collector.on("out"), 60, message="the answer")
+    assert answer.payload == b'"done"'
+    wait_until(lambda: "[output truncated: over 4096 bytes in this invocation]" in daemon.log(), 10,
+               message="the truncation marker")
+    lines = [line for line in daemon.log().splitlines() if "openedge_function.handler" in line]
+    assert len(lines) == 2, [line[:200] for line in lines]
+    printed = re.search(r"request=[0-9a-f-]+: (y+)$", lines[0])
+    assert printed and len(printed.group(1)) == 4096   # what fits of the line, then the marker
+    assert lines[1].endswith("[output truncated: over 4096 bytes in this invocation]")
+    assert "after the limit" not in daemon.log()
+
+
+def test_what_a_subprocess_prints_has_the_same_budget(broker, daemon_factory, collector):
+    daemon = daemon_factory([function("shell", "chatty.shell", log={"max": "4k"})],
+                            [rule("r", "in", "shell", "out")], files={"fn/chatty.py": TRUNCATED})
+    publish(broker, "in", b"{}")
+    wait_until(lambda: collector.on("out"), 60, message="the answer")
+    wait_until(lambda: "[output truncated: over 4096 bytes in this invocation]" in daemon.log(), 10,
+               message="the truncation marker")
+    lines = [line for line in daemon.log().splitlines() if "openedge_function.handler" in line]
+    assert 4096 // len("from-a-subprocess\n") == len(lines) - 1
+    assert lines[-1].endswith("[output truncated: over 4096 bytes in this invocation]")
