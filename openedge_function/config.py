@@ -475,7 +475,15 @@ def _parse_top(data: Any, file: str, workdir: str) -> Optional[AppConfig]:
         _HUB_LEGACY), workdir)
 
     functions: List[Function] = []
-    raw_functions = top.data.get("functions") or []
+    raw_functions = top.data.get("functions")
+    if raw_functions is None and (data is None or isinstance(data, dict)):
+        # A daemon with nothing to run is a mistake more often than a plan: the plan says so.
+        _problem(ConfigError(file, "functions", (
+            "the file is empty" if data is None else "missing") + ": no function is defined, so the "
+            "daemon would have nothing to run (to start with none and add them by reload, write "
+            "`functions: []`)"))
+    if raw_functions is None:
+        raw_functions = []
     if not isinstance(raw_functions, list):
         _problem(top.fail("functions", f"expected a list, got {_show(raw_functions)}"))
         raw_functions = []

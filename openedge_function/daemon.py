@@ -187,6 +187,8 @@ class Daemon:
             self.rules.append(self._runner(rule, config, self.pools, self.publisher))
         log.info("openedge-function (pid %s): %d functions, %d rules, broker %s",
                  os.getpid(), len(self.pools), len(self.rules), config.hub.address)
+        if not config.functions:
+            log.warning("no functions (functions: []): nothing runs until a reload (SIGHUP) adds some")
         for pool in self.pools.values():
             self.plane.call(pool.start)
         if self.http is not None:

@@ -245,8 +245,19 @@ def test_a_missing_file(tmp_path):
     assert "cannot read" in str(info.value) and "nope.yml" in str(info.value)
 
 
-def test_parse_config_accepts_an_empty_document(tmp_path):
-    config = parse_config(None, "empty.yml", str(tmp_path))
+@pytest.mark.parametrize("data, says", [
+    (None, "functions: the file is empty: no function is defined"),
+    ({"hub": {"address": "tcp://127.0.0.1:1883"}}, "functions: missing: no function is defined"),
+    ({"functions": None, "rules": []}, "functions: missing: no function is defined"),
+])
+def test_a_configuration_without_functions_is_an_error(tmp_path, data, says):
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "empty.yml", str(tmp_path))
+    assert says in str(info.value) and "write `functions: []`" in str(info.value)
+
+
+def test_an_explicit_empty_list_of_functions_is_accepted(tmp_path):
+    config = parse_config({"functions": []}, "empty.yml", str(tmp_path))
     assert config.rules == () and config.functions == ()
 
 
@@ -301,6 +312,15 @@ def test_the_daemon_exits_2_before_touching_the_broker(tmp_path, change, field):
         assert witness.connections == 0
     finally:
         witness.close()
+
+
+def test_an_empty_file_stops_the_daemon_with_status_2(tmp_path):
+    path = tmp_path / "application.yml"
+    path.write_text("# nothing yet\n")
+    done = subprocess.run([sys.executable, "-m", "openedge_function", "-c", str(path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert f"{path}: functions: the file is empty: no function is defined" in done.stderr
 
 
 def test_check_flag_validates_without_running(tmp_path):
