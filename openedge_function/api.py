@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import socket
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -35,7 +36,7 @@ _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriz
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
             405: "Method Not Allowed", 413: "Payload Too Large", 429: "Too Many Requests",
             500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout",
-            508: "Loop Detected"}
+            431: "Request Header Fields Too Large", 508: "Loop Detected"}
 _CHAIN_KEY = "HTTP_" + CHAIN_HEADER.upper().replace("-", "_")         # as the WSGI environ has them
 _DEADLINE_KEY = "HTTP_" + DEADLINE_HEADER.upper().replace("-", "_")
 _ERROR = pb.InvokeResponse.ERROR
@@ -222,6 +223,81 @@ class Api:
         return [body]
 
 
+# What waitress refuses before the application sees a request, as the API's error types.
+_REFUSED = {413: "MessageTooLarge", 431: "HeadersTooLarge"}
+_LINGER = 2.0   # seconds a refused client may go on sending before its connection is closed
+
+
+def _channel_class() -> type:
+    """waitress's connection, with what a request refused early (headers over
+    `HEADERS_MAX`, a body over server.body.max, a malformed request) needs: the refusal is the
+    API's JSON envelope, and the connection ends with a lingering close. The client is usually
+    still sending when the refusal goes out; closing with its bytes unread would reset the
+    connection, and the reset would discard the status before the client read it. So the
+    connection stops writing and reads (and drops) what still comes, until the client closes or
+    _LINGER runs out."""
+    from waitress.channel import HTTPChannel
+    from waitress.task import ErrorTask
+
+    class RefusalTask(ErrorTask):
+        def execute(self) -> None:
+            error = self.request.error
+            what = {413: f"the request body is over server.body.max ({self.channel.adj.max_request_body_size} bytes)",
+                    431: f"the request's headers are over {self.channel.adj.max_request_header_size} bytes"}
+            refused = Refused(_REFUSED.get(error.code, "BadRequest"), what.get(error.code, error.body))
+            _, content_type, body = error_answer(refused, "", "")
+            self.status = _status_line(error.code) if error.code in _REASONS else f"{error.code} {error.reason}"
+            self.response_headers.append(("Content-Type", content_type))
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+            self.channel.linger = True
+
+    class Channel(HTTPChannel):
+        error_task_class = RefusalTask
+        linger = False          # the response was a refusal: linger when closing
+        lingering_until = 0.0
+
+        def handle_close(self) -> None:
+            if self.linger and not self.lingering_until and self.connected:
+                try:
+                    self.socket.shutdown(socket.SHUT_WR)   # the refusal is sent: no more writes
+                except OSError:
+                    pass
+                else:
+                    self.lingering_until = time.monotonic() + _LINGER
+                    return
+            super().handle_close()
+
+        def readable(self) -> bool:
+            return bool(self.lingering_until) or super().readable()
+
+        def writable(self) -> bool:
+            if self.lingering_until:   # "writable" once the time is up: handle_write closes
+                return time.monotonic() > self.lingering_until
+            return super().writable()
+
+        def handle_write(self) -> None:
+            if self.lingering_until:
+                super().handle_close()
+                return
+            super().handle_write()
+
+        def handle_read(self) -> None:
+            if not self.lingering_until:
+                super().handle_read()
+                return
+            try:
+                self.recv(65536)   # dropped; end-of-file or an error closes (wasyncore's recv)
+            except OSError:
+                super().handle_close()
+
+    return Channel
+
+
+HEADERS_MAX = 256 << 10   # the request line and headers of one request (waitress's default)
+
+
 class HttpServer:
     """waitress serving `Api` in a thread of its own."""
 
@@ -229,7 +305,9 @@ class HttpServer:
         from waitress.server import create_server
         self._server = create_server(
             app, host=server.host, port=server.port, threads=server.threads, ident="openedge-function",
-            max_request_body_size=server.body_max, expose_tracebacks=False, clear_untrusted_proxy_headers=True)
+            max_request_body_size=server.body_max, max_request_header_size=HEADERS_MAX,
+            expose_tracebacks=False, clear_untrusted_proxy_headers=True)
+        self._server.channel_class = _channel_class()
         self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
 
     @property

@@ -6,6 +6,7 @@ import concurrent.futures
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -197,6 +198,29 @@ def test_invoke_failures_have_fitting_statuses_and_the_envelope(api):
 
     status, _, _ = request(port, "GET", "/invoke/echo")
     assert status == 405
+
+
+def test_requests_over_the_limits_get_their_status_and_the_server_goes_on(daemon_factory):
+    daemon, port = serving(daemon_factory, [function("echo", "tools.echo")], {"fn/tools.py": TOOLS},
+                           body={"max": "1m"})
+    # A megabyte of headers: 431, read by the client after it sent them all (no reset).
+    status, _, body = request(port, "GET", "/healthz", headers={"X-Big": "a" * (1 << 20)})
+    assert status == 431 and json.loads(body)["errorType"] == "HeadersTooLarge"
+    # A body over server.body.max, with its length given and chunked: 413.
+    status, _, body = request(port, "POST", "/invoke/echo", b"x" * (8 << 20))
+    assert status == 413 and json.loads(body)["errorType"] == "MessageTooLarge"
+    assert "server.body.max" in json.loads(body)["errorMessage"]
+    status, _, body = request(port, "POST", "/invoke/echo", iter([b"x" * (1 << 20)] * 4),
+                              {"Transfer-Encoding": "chunked"})
+    assert status == 413 and json.loads(body)["errorType"] == "MessageTooLarge"
+    # A request that is not HTTP at all: 400.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GARBAGE\r\n\r\n")
+        answer = sock.makefile("rb").read()
+    assert answer.startswith(b"HTTP/1.0 400 ") and b'"errorType": "BadRequest"' in answer
+    # The server goes on serving.
+    status, _, body = request(port, "POST", "/invoke/echo", b'{"after": true}')
+    assert status == 200 and json.loads(body) == {"after": True}
 
 
 def test_a_full_pool_and_queue_answers_429(daemon_factory):
