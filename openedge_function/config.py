@@ -170,6 +170,12 @@ def topic_name(value: Any) -> str:
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
 
 
+# MQTT's own bound on a packet: a fixed header of 5 bytes and 268,435,455 more.
+PACKET_MAX = 268435455 + 5
+# The smallest hub.maxsize: below it, an error envelope (without the input) may not fit either.
+_MAXSIZE_MIN = 1024
+
+
 @dataclass(frozen=True)
 class Hub:
     """The MQTT broker the daemon connects to."""
@@ -191,6 +197,7 @@ class Hub:
     protocol: int = 4               # 4: MQTT 3.1.1, 5: MQTT 5
     session_expiry: int = SESSION_NEVER_EXPIRES   # seconds, MQTT 5 only
     buffer_max: int = 1000          # QoS 1 outcomes held while the broker is away
+    maxsize: int = PACKET_MAX       # the largest PUBLISH packet the broker takes (hub.maxsize)
 
 
 @dataclass(frozen=True)
@@ -471,7 +478,8 @@ def _parse_top(data: Any, file: str, workdir: str) -> Optional[AppConfig]:
                         group=defaults_section.get("group", account("group")))
     hub = _each(_parse_hub, top.section("hub", (
         "address", "clientid", "username", "password", "ca", "cert", "key", "insecureSkipVerify",
-        "cleansession", "timeout", "interval", "keepalive", "protocol", "sessionexpiry", "buffer"),
+        "cleansession", "timeout", "interval", "keepalive", "protocol", "sessionexpiry", "buffer",
+        "maxsize"),
         _HUB_LEGACY), workdir)
 
     functions: List[Function] = []
@@ -628,7 +636,15 @@ def _parse_hub(r: _Reader, workdir: str) -> Hub:
         protocol=r.get("protocol", _protocol, 4),
         session_expiry=r.get("sessionexpiry", _session_expiry, SESSION_NEVER_EXPIRES),
         buffer_max=r.section("buffer", ("max",)).get("max", bounded_int(1, None), 1000),
+        maxsize=r.get("maxsize", _maxsize, PACKET_MAX),
     )
+
+
+def _maxsize(value: Any) -> int:
+    size = byte_size(value)
+    if not _MAXSIZE_MIN <= size <= PACKET_MAX:
+        raise ValueError(f"{value!r} is not between 1k and 256m (MQTT's own limit)")
+    return size
 
 
 def _protocol(value: Any) -> int:

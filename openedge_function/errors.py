@@ -11,7 +11,9 @@ OpenEdgeFunctionError                 base of everything the daemon raises on pu
     ├── InstanceCrashed               the instance process died during the invocation
     ├── FunctionLoadError             the handler or initializer could not be loaded
     ├── MessageTooLarge               payload over instance.message.length.max
-    └── MessageExpired                MQTT 5: expired while it waited; acknowledged, not run
+    ├── MessageExpired                MQTT 5: expired while it waited; acknowledged, not run
+    ├── ResultTooLarge                the result, as a publish, is over what the broker takes
+    └── PublishRefused                MQTT 5: the broker refused the result (PUBACK reason code)
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from typing import Any, Optional, Sequence
 __all__ = [
     "OpenEdgeFunctionError", "ConfigError", "ConfigErrors", "ServerError", "InvocationError", "HandlerError",
     "ResultEncodingError", "FunctionTimeout", "MemoryLimitExceeded", "InstanceCrashed",
-    "FunctionLoadError", "MessageTooLarge", "MessageExpired", "Packet", "build_envelope", "error_of",
+    "FunctionLoadError", "MessageTooLarge", "MessageExpired", "ResultTooLarge", "PublishRefused",
+    "Packet", "build_envelope", "brief", "error_of",
 ]
 
 
@@ -108,6 +111,28 @@ class MessageTooLarge(InvocationError):
 class MessageExpired(InvocationError):
     """An MQTT 5 message whose expiry interval ran out while it waited: not run, not answered."""
     error_type = "MessageExpired"
+
+
+class ResultTooLarge(InvocationError):
+    """The result is over the largest publish the broker takes (hub.maxsize, or its CONNACK's
+    Maximum Packet Size): not sent; this envelope goes instead."""
+    error_type = "ResultTooLarge"
+
+
+class PublishRefused(InvocationError):
+    """An MQTT 5 broker answered the result's PUBLISH with a failure reason code."""
+    error_type = "PublishRefused"
+
+
+def brief(error: InvocationError, length: int = 1024) -> InvocationError:
+    """`error` for an envelope that must be small: its message cut to `length` characters, no
+    stack trace."""
+    message = error.message
+    if len(message) > length:
+        message = message[:length] + f"... ({len(message) - length} more characters cut)"
+    short = InvocationError(message)
+    short.error_type = error.error_type
+    return short
 
 
 def error_of(response: Any) -> InvocationError:

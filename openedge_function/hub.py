@@ -28,16 +28,51 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
-from .config import Hub
+from .config import PACKET_MAX, Hub
 from .dataplane import DataPlane
 
 log = logging.getLogger(__name__)
 
 OnMessage = Callable[[mqtt.MQTTMessage], None]
+Then = Callable[[Optional[ReasonCode]], None]   # a publish's end: None when the broker has it
 
 _MISC_EVERY = 1.0      # seconds between keep-alive checks
 _READS_PER_EVENT = 64  # packets read in one go before the loop serves others
+# A PUBLISH beyond its payload and topic: fixed header (up to 5), topic length (2), packet id (2),
+# and room for MQTT 5's empty property list.
+_PUBLISH_OVERHEAD = 16
+
+
+class _ReasonOutsideTheSpec(ReasonCode):
+    """A PUBACK reason code MQTT 5 does not list for PUBACK (paho cannot name it)."""
+
+    _NAMES = {0x95: "Packet too large"}
+
+    def getName(self) -> str:
+        return self._NAMES.get(self.value, "Unknown error")
+
+
+class _Client(mqtt.Client):
+    """paho's client, lenient about one thing a broker does outside the spec: mosquitto answers
+    a PUBLISH over its message_size_limit with PUBACK 0x95 (Packet too large), a code MQTT 5
+    does not list for PUBACK. paho takes such a packet for malformed and drops the connection;
+    after the reconnect it sends the same PUBLISH again, meets the same answer, and the
+    publisher is stuck for ever. Here the publish is simply refused with that code."""
+
+    def _handle_pubackcomp(self, cmd: Any) -> Any:
+        packet = self._in_packet["packet"]
+        if cmd == "PUBACK" and len(packet) > 2 and packet[2] >= 0x80 and not any(
+                PacketTypes.PUBACK in packets for packets in ReasonCode.names.get(packet[2], {}).values()):
+            mid = int.from_bytes(packet[:2], "big")
+            reason = _ReasonOutsideTheSpec(PacketTypes.PUBACK)
+            reason.value = packet[2]
+            with self._out_message_mutex:
+                if mid in self._out_messages:
+                    return self._do_on_publish(mid, reason, Properties(PacketTypes.PUBACK))
+            return mqtt.MQTT_ERR_SUCCESS
+        return super()._handle_pubackcomp(cmd)
 
 
 class _Connection:
@@ -53,8 +88,8 @@ class _Connection:
         self.connected = threading.Event()
         self.generation = 0        # bumped on every connect: acks belong to one connection
         if hub.protocol == 5:
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                 protocol=mqtt.MQTTv5, manual_ack=manual_ack)
+            client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=mqtt.MQTTv5, manual_ack=manual_ack)
         else:
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                  clean_session=clean_session, protocol=mqtt.MQTTv311,
@@ -238,9 +273,9 @@ class _Connection:
         self._delay, self._failures = 1.0, 0
         self.generation += 1
         self.connected.set()
-        self._on_connect(client, flags)
+        self._on_connect(client, flags, properties)
 
-    def _on_connect(self, client: mqtt.Client, flags: Any) -> None:
+    def _on_connect(self, client: mqtt.Client, flags: Any, properties: Any) -> None:
         log.info("%s: connected to %s", self.name, self._hub.address)
 
     def _disconnected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
@@ -263,7 +298,7 @@ class Intake(_Connection):
         self._client.on_message = self._message
         self._client.on_subscribe = self._subscribed
 
-    def _on_connect(self, client: mqtt.Client, flags: Any) -> None:
+    def _on_connect(self, client: mqtt.Client, flags: Any, properties: Any) -> None:
         log.info("%s: connected to %s (session %s), subscribing to %s (QoS %d)", self.name,
                  self._hub.address, "resumed" if flags.session_present else "new", self._topic, self._qos)
         client.subscribe(self._topic, self._qos)
@@ -307,20 +342,74 @@ class Intake(_Connection):
 
 
 class Publisher(_Connection):
-    """Publishes every outcome of the daemon; tells when the broker has each QoS 1 one."""
+    """Publishes every outcome of the daemon; tells when the broker has each QoS 1 one, or that it
+    refused it (MQTT 5), and how large a publish the broker takes.
+
+    `limit` is the largest PUBLISH packet the broker takes: hub.maxsize (MQTT's own bound when
+    unset), lowered by the Maximum Packet Size of an MQTT 5 broker's CONNACK. A publish of
+    `len(payload) + 4 * len(topic)` up to `room` fits whatever the topic's characters; a larger
+    one, or one with MQTT 5 properties under a limit the broker stated, is measured with `size`.
+    """
 
     def __init__(self, plane: DataPlane, hub: Hub, client_id: str) -> None:
         super().__init__(plane, hub, client_id, clean_session=True, name="publisher")
-        self._waiting: Dict[int, Callable[[], None]] = {}   # mid -> then, for QoS 1
+        self._waiting: Dict[int, Then] = {}   # mid -> then, for QoS 1
         # Outcomes beyond paho's buffer (hub.buffer.max, while the broker is away) wait here, and
         # the intakes pause until it empties: nothing is refused, and memory stays bounded.
-        self._backlog: Deque[Tuple[str, bytes, int, Callable[[], None], Optional[Properties]]] = \
+        self._backlog: Deque[Tuple[str, bytes, int, Then, Optional[Properties]]] = \
             collections.deque()
         self._intakes: List[Intake] = []
         self._closing = False
         self._client.max_inflight_messages_set(100)
         self._client.max_queued_messages_set(self._hub.buffer_max)
         self._client.on_publish = self._published
+        self._v5 = hub.protocol == 5
+        self._acked = False               # the broker acknowledged a publish on this connection
+        self._unacked_connections = 0     # connections in a row that ended with none acknowledged
+        self._set_limit(hub.maxsize, "hub.maxsize" if hub.maxsize < PACKET_MAX else "MQTT's own limit")
+
+    def _set_limit(self, limit: int, source: str) -> None:
+        self.limit = limit
+        self.limit_source = source
+        self.room = limit - _PUBLISH_OVERHEAD
+        self.exact = self._v5 and limit < PACKET_MAX   # MQTT 5 properties count too
+
+    def _disconnected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        # A broker that closes the connection on a publish over its max_packet_size (mosquitto,
+        # MQTT 3.1.1) says nothing else: paho sends the publish again after each reconnect, and
+        # nothing is acknowledged any more. Name the likely cause once.
+        if self._waiting and not self._acked and not self._stopped:
+            self._unacked_connections += 1
+            if self._unacked_connections == 3:
+                largest = max((len(m.payload) for m in client._out_messages.values()), default=0)
+                log.warning("publisher: the broker closed the connection 3 times in a row before it "
+                            "acknowledged any publish, with a publish of %d bytes in flight: a broker "
+                            "that limits packet sizes (mosquitto's max_packet_size) does this; set "
+                            "hub.maxsize to its limit", largest)
+        else:
+            self._unacked_connections = 0
+        self._acked = False
+        super()._disconnected(client, userdata, flags, reason, properties)
+
+    def _on_connect(self, client: mqtt.Client, flags: Any, properties: Any) -> None:
+        super()._on_connect(client, flags, properties)
+        stated = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
+        if stated and stated < self._hub.maxsize:
+            if stated != self.limit:
+                log.info("publisher: the broker takes packets of up to %d bytes (its Maximum Packet "
+                         "Size): larger outcomes are answered with ResultTooLarge", stated)
+            self._set_limit(stated, "the broker's Maximum Packet Size")
+        elif self.limit != self._hub.maxsize:   # a broker that no longer states one
+            self._set_limit(self._hub.maxsize, "hub.maxsize")
+
+    @staticmethod
+    def size(topic: str, payload: bytes, qos: int, properties: Optional[Properties]) -> int:
+        """The bytes of the PUBLISH packet paho would send."""
+        remaining = 2 + len(topic.encode("utf-8")) + len(payload) + (2 if qos else 0)
+        if properties is not None:
+            remaining += len(properties.pack())
+        header = 2 if remaining < 128 else 3 if remaining < 16384 else 4 if remaining < 2097152 else 5
+        return header + remaining
 
     def attach(self, intake: Intake) -> None:
         """`intake` pauses while outcomes wait for room in the buffer (on the loop)."""
@@ -333,10 +422,12 @@ class Publisher(_Connection):
             self._intakes.remove(intake)
             intake.resume("publisher")
 
-    def publish(self, topic: str, payload: bytes, qos: int, then: Callable[[], None],
+    def publish(self, topic: str, payload: bytes, qos: int, then: Then,
                 properties: Optional[Properties] = None) -> bool:
-        """Publish (on the loop); call `then()` once the broker has it (QoS 1) or once it is sent
-        (QoS 0). False when the outcome could not be kept: QoS 0 without a connection, or stopping."""
+        """Publish (on the loop); call `then(None)` once the broker has it (QoS 1) or once it is
+        sent (QoS 0), `then(reason)` when an MQTT 5 broker refused it (its PUBACK's reason code).
+        False when the outcome could not be kept: QoS 0 without a connection, or stopping. The
+        caller checks the size first (`room`, `size`, `limit`)."""
         if self._closing:
             return False
         if self._backlog:
@@ -349,7 +440,7 @@ class Publisher(_Connection):
         if qos == 0:
             if rc != mqtt.MQTT_ERR_SUCCESS:
                 return False
-            then()
+            then(None)
             return True
         if rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             self._backlog.append((topic, payload, qos, then, properties))
@@ -363,9 +454,10 @@ class Publisher(_Connection):
         return True
 
     def _published(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        self._acked = True
         then = self._waiting.pop(mid, None)
         if then is not None:
-            then()
+            then(reason if self._v5 and reason.is_failure else None)
             if self._backlog:
                 self._loop.call_soon(self._drain_backlog)
 

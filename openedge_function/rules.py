@@ -11,6 +11,9 @@ properties the handler set; a QoS 1 message that expires while it waits is ackno
 
 Every message ends in `_settle`: acknowledged to the broker (QoS 1) once its outcome is published,
 or left unacknowledged for the broker to deliver again when the outcome could not be published.
+An outcome the broker will not take (over its size limit, or refused in an MQTT 5 PUBACK) is never
+acknowledged silently: a result becomes an envelope, an envelope goes once more without the input
+(see `_not_taken`).
 """
 from __future__ import annotations
 
@@ -18,18 +21,20 @@ import collections
 import logging
 import time
 import uuid
-from typing import Any, Deque, Dict, Optional
+from typing import Any, Deque, Dict, Optional, Tuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from runtime_python._pb import function_pb2 as pb
 
 from .config import Function, Hub, Publication, Rule
 from .dataplane import DataPlane
-from .errors import (FunctionLoadError, HandlerError, InstanceCrashed, InvocationError,
-                     MessageExpired, MessageTooLarge, Packet, PoisonMessage, build_envelope, error_of)
+from .errors import (FunctionLoadError, HandlerError, InstanceCrashed, InvocationError, MessageExpired,
+                     MessageTooLarge, Packet, PoisonMessage, PublishRefused, ResultTooLarge, brief,
+                     build_envelope, error_of)
 from .hub import Intake, Publisher
 from .invocation import Invocation, Outcome, new_request_id
 from .journal import CRASHES, Journal, key
@@ -39,6 +44,9 @@ log = logging.getLogger(__name__)
 
 _NONE, _BYTES, _ERROR = 0, 1, 3   # InvokeResponse.Kind values the dispatcher tells apart
 _JSON_TYPE, _BYTES_TYPE = "application/json", "application/octet-stream"
+# An envelope on its way out: the error, the user properties the handler set, and whether it is
+# the bare one (no input payload, message cut) sent when the whole one was not taken.
+_Envelope = Tuple[InvocationError, Any, bool]
 
 
 class RuleRunner:
@@ -74,6 +82,7 @@ class RuleRunner:
         self.failed = 0
         self.dropped = 0
         self.expired = 0
+        self.undeliverable = 0   # not even the envelope was taken: see _not_taken
         self._v5 = hub.protocol == 5
 
     def use(self, function: Function, pool: Pool) -> None:
@@ -209,12 +218,13 @@ class RuleRunner:
                       _BYTES_TYPE if kind == _BYTES else _JSON_TYPE)
 
     def _deliver(self, invocation: Invocation, target: Optional[Publication], payload: bytes,
-                 users: Any, content_type: str) -> None:
+                 users: Any, content_type: str, envelope: Optional[_Envelope] = None) -> None:
         """Publish an outcome to `target`; under MQTT 5 to the request's response topic instead,
         if it has one, with its correlation data, the outcome's content type and `users` (the
-        user properties the handler set)."""
+        user properties the handler set). `envelope`: the payload is an error's envelope."""
         if not self._v5:   # without a response topic, the callers have a target
-            self._send(invocation, target.topic, payload, min(invocation.qos, target.qos))  # type: ignore[union-attr]
+            self._send(invocation, target.topic, payload, min(invocation.qos, target.qos), None,  # type: ignore[union-attr]
+                       envelope)
             return
         properties = Properties(PacketTypes.PUBLISH)
         properties.ContentType = content_type
@@ -228,7 +238,7 @@ class RuleRunner:
         else:
             assert target is not None
             topic, qos = target.topic, min(invocation.qos, target.qos)
-        self._send(invocation, topic, payload, qos, properties)
+        self._send(invocation, topic, payload, qos, properties, envelope)
 
     def _fail(self, invocation: Invocation, error: InvocationError, users: Any = None) -> None:
         if isinstance(error, MessageExpired):
@@ -243,24 +253,75 @@ class RuleRunner:
             logging.DEBUG if isinstance(error, FunctionLoadError) else logging.WARNING)
         log.log(level, "rule %s: function %s request %s: %s: %s", self.rule.name,
                 self.function.name, invocation.request_id, error.error_type, error.message)
+        self._envelope(invocation, error, users)
+
+    def _envelope(self, invocation: Invocation, error: InvocationError, users: Any,
+                  bare: bool = False) -> None:
+        """Publish the envelope of `error` to the error topic (or the response topic). `bare`:
+        without the input's payload and with the message cut, for a broker that would not take
+        the whole one."""
         target = self._error
         if target is None and invocation.reply is None:
             self._settle(invocation)
             return
         retain, dup, _ = invocation.context
-        payload = b"" if isinstance(error, MessageTooLarge) else invocation.payload
+        if bare:
+            error = brief(error)
+        payload = b"" if bare or isinstance(error, MessageTooLarge) else invocation.payload
         packet = Packet(invocation.topic, payload, invocation.qos, retain, dup, invocation.mid)
         envelope = build_envelope(error, invocation.request_id, self.function.name, packet)
-        self._deliver(invocation, target, envelope, users, _JSON_TYPE)
+        self._deliver(invocation, target, envelope, users, _JSON_TYPE, (error, users, bare))
 
     def _send(self, invocation: Invocation, topic: str, payload: bytes, qos: int,
-              properties: Optional[Properties] = None) -> None:
-        if self.publisher.publish(topic, payload, qos, lambda: self._settle(invocation), properties):
+              properties: Optional[Properties] = None, envelope: Optional[_Envelope] = None) -> None:
+        publisher = self.publisher
+        # Near the broker's limit (or under MQTT 5 with one stated), measure the packet exactly.
+        if len(payload) + 4 * len(topic) > publisher.room or (properties is not None and publisher.exact):
+            size = publisher.size(topic, payload, qos, properties)
+            if size > publisher.limit:
+                self._not_taken(invocation, envelope, ResultTooLarge(
+                    f"the {'result' if envelope is None else 'envelope'} of {len(payload)} bytes, a "
+                    f"publish of {size} bytes to {topic}, is over the {publisher.limit} bytes the broker "
+                    f"takes ({publisher.limit_source})"))
+                return
+        if publisher.publish(topic, payload, qos, lambda refused: self._settle(invocation) if refused is None
+                             else self._refused(invocation, topic, refused, envelope), properties):
             self.published += 1
         else:
             log.debug("rule %s: the outcome of request %s was not published", self.rule.name,
                       invocation.request_id)
             self._settle(invocation, ack=False)
+
+    def _refused(self, invocation: Invocation, topic: str, reason: ReasonCode,
+                 envelope: Optional[_Envelope]) -> None:
+        self.published -= 1
+        self._not_taken(invocation, envelope, PublishRefused(
+            f"the broker refused the {'result' if envelope is None else 'envelope'} on {topic}: "
+            f"{reason} (reason code 0x{reason.value:02X})"))
+
+    def _not_taken(self, invocation: Invocation, envelope: Optional[_Envelope],
+                   error: InvocationError) -> None:
+        """The broker will not take an outcome (too large, or refused). For a result, its
+        envelope goes instead; for an envelope, the same without the input's payload. Should the
+        broker refuse even that, the log holds what it said, and the input is acknowledged: left
+        unacknowledged, it would come back to the same answer, and hold a place of the broker's
+        in-flight window each time."""
+        if envelope is None:
+            self._fail(invocation, error)
+            return
+        failed, users, bare = envelope
+        if not bare:
+            log.warning("rule %s: function %s request %s: %s; sending the envelope without the "
+                        "input's payload", self.rule.name, self.function.name, invocation.request_id,
+                        error.message)
+            self._envelope(invocation, failed, users, bare=True)
+            return
+        self.undeliverable += 1
+        log.error("rule %s: function %s request %s: nothing could be published for the message on "
+                  "%s (%d bytes), which is acknowledged: %s; its outcome was %s: %s", self.rule.name,
+                  self.function.name, invocation.request_id, invocation.topic, len(invocation.payload),
+                  error.message, failed.error_type, failed.message)
+        self._settle(invocation)
 
     def _settle(self, invocation: Invocation, ack: bool = True) -> None:
         """The end of a message here: acknowledge it (QoS 1) and let the next of its topic go."""
@@ -297,4 +358,5 @@ class RuleRunner:
 
     def stats(self) -> dict:
         return {"received": self.received, "published": self.published, "failed": self.failed,
-                "dropped": self.dropped, "expired": self.expired, "pending": self.pending}
+                "dropped": self.dropped, "expired": self.expired, "undeliverable": self.undeliverable,
+                "pending": self.pending}

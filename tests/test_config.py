@@ -335,7 +335,7 @@ def test_check_flag_validates_without_running(tmp_path):
 
 def test_delivery_settings(tmp_path):
     config = load(tmp_path, """
-        hub: {protocol: 5, sessionexpiry: 2h, buffer: {max: 50}}
+        hub: {protocol: 5, sessionexpiry: 2h, buffer: {max: 50}, maxsize: 100k}
         rules:
           - id: r1
             subscribe: {topic: "$share/g/t", qos: 1}
@@ -348,11 +348,13 @@ def test_delivery_settings(tmp_path):
           - {name: f, handler: main.handler, codedir: fn}
     """)
     assert config.hub.protocol == 5 and config.hub.session_expiry == 7200 and config.hub.buffer_max == 50
+    assert config.hub.maxsize == 100 << 10
     rule = config.rules[0]
     assert rule.retry_max == 2 and rule.ordered and rule.subscribe.topic == "$share/g/t"
     assert rule.overflow == "drop"
     defaults = load(tmp_path, MINIMAL, "defaults.yml")
     assert defaults.hub.protocol == 4 and defaults.hub.session_expiry == 0xFFFFFFFF
+    assert defaults.hub.maxsize == 268435460   # MQTT's own bound on a packet
     assert defaults.rules[0].retry_max == 0 and not defaults.rules[0].ordered
     assert defaults.rules[0].overflow == "pause"   # QoS 0 waits at the broker, as QoS 1 does
 
@@ -361,6 +363,8 @@ def test_delivery_settings(tmp_path):
     ("hub: {protocol: 6}\n" + textwrap.dedent(MINIMAL), "hub.protocol", "not 3.1.1 or 5"),
     ("hub: {sessionexpiry: soon}\n" + textwrap.dedent(MINIMAL), "hub.sessionexpiry", "not a duration"),
     ("hub: {buffer: {max: 0}}\n" + textwrap.dedent(MINIMAL), "hub.buffer.max", "below the lower bound 1"),
+    ("hub: {maxsize: 512}\n" + textwrap.dedent(MINIMAL), "hub.maxsize", "not between 1k and 256m"),
+    ("hub: {maxsize: 1g}\n" + textwrap.dedent(MINIMAL), "hub.maxsize", "not between 1k and 256m"),
     (with_rule(retry={"max": 11}), "rules[0].retry.max", "above the upper bound 10"),
     (with_rule(ordered="yes"), "rules[0].ordered", "not true or false"),
     (with_rule(overflow="block"), "rules[0].overflow", "not one of pause, drop"),
