@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= example/etc/application.yml
 PYTEST_ARGS ?=
 
-.PHONY: install proto broker run test check bench clean
+.PHONY: install proto broker run test check bench soak clean
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,14 @@ bench: install
 	@bash scripts/ensure-broker.sh --binary-only
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/bench.py $(BENCH_ARGS)
+
+# The soak (bench/soak.py --help): steady mixed load for SOAK_ARGS' --duration (default 5 minutes,
+# e.g. SOAK_ARGS="--duration 4h --plot"); fails on any QoS 1 loss or on growth after warm-up.
+SOAK_ARGS ?=
+soak: install
+	@bash scripts/ensure-broker.sh --binary-only
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info runtime_python/_pb/function_pb2*.py var
