@@ -22,10 +22,15 @@ def pytest_configure(config):
 def _reachable_checkout() -> None:
     """As root, the daemons under test run functions as unprivileged users, who must reach this
     checkout (the runtime and the venv's interpreter live in it): a clone in a private directory
-    gets its ancestors opened for passing through (o+x, not listing)."""
+    gets its ancestors opened for passing through (o+x, not listing). The checkout itself is
+    listed too: it is the PYTHONPATH entry through which a `python:` interpreter finds the
+    runtime, and Python's import system lists a path entry before it finds anything in it."""
     if os.geteuid() != 0:
         return
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.stat(root).st_mode & 0o004:
+        warnings.warn(f"{root} was not readable by other users; made it o+r")
+        os.chmod(root, os.stat(root).st_mode | 0o004)
     for start in (root, sys.prefix):
         directory = os.path.abspath(start)
         while directory != "/":
