@@ -187,5 +187,6 @@ def build_envelope(error: InvocationError, request_id: str, function_name: str,
 HTTP_STATUS = {
     "UnknownFunction": 404, "MessageTooLarge": 413, "QueueFull": 429, "Unauthorized": 401,
     "FunctionTimeout": 504, "InvokeTimeout": 504, "InvokeDeadlock": 508, "Unavailable": 503,
-    "MethodNotAllowed": 405, "HeadersTooLarge": 431, "BadRequest": 400, "NotAnEventFunction": 400, "NotAnHttpFunction": 400, "NotFound": 404,
+    "MethodNotAllowed": 405, "HeadersTooLarge": 431, "BadRequest": 400, "NotAnEventFunction": 400,
+    "NotAnHttpFunction": 400, "NotFound": 404,
 }

@@ -28,7 +28,7 @@ import grpc.aio
 
 from runtime_python._pb import function_pb2 as pb
 from runtime_python._pb import function_pb2_grpc as pb_grpc
-from runtime_python.output import MARK, SEPARATOR, truncation_marker
+from runtime_python.output import MARK, SEPARATOR, Budget, truncation_marker
 from runtime_python.server import KEY_HEADER
 
 from .cgroups import Group
@@ -121,8 +121,8 @@ class Instance:
         self._loaded = threading.Event()
         self.request_id = ""   # the invocation in progress, for output the runtime did not mark
         # What subprocesses print (the runtime cannot mark or count it) has the same budget per
-        # invocation as the handler's own output: (request id, bytes left).
-        self._unmarked: Tuple[str, int] = ("", function.log_max)
+        # invocation as the handler's own output.
+        self._unmarked = Budget(function.log_max)
         self._load_error: Optional[Dict[str, Any]] = None
         self._channel: Optional[grpc.aio.Channel] = None
         self._call: Any = None     # the Session stream
@@ -349,17 +349,17 @@ class Instance:
     def _within_budget(self, request_id: str, line: str) -> Optional[str]:
         """What of an unmarked line fits in its invocation's output budget (log.max), the marker
         line once it is spent, then None."""
-        seen, left = self._unmarked
-        if seen != request_id:
-            seen, left = request_id, self.function.log_max
-        if left < 0:
+        budget = self._unmarked
+        if budget.request_id != request_id:
+            budget.start(request_id)
+        if budget.truncated:
             return None
         size = len(line.encode("utf-8", "replace")) + 1
-        if size <= left:
-            self._unmarked = (seen, left - size)
+        if size <= budget.left:
+            budget.left -= size
             return line
-        self._unmarked = (seen, -1)
-        return truncation_marker(self.function.log_max)
+        budget.truncated = True
+        return truncation_marker(budget.limit)
 
     # -- stopping ---------------------------------------------------------------------------
 

@@ -92,7 +92,7 @@ class Runtime:
             response = self._run(request, pb, started)
         except Exception as exc:
             response = pb.InvokeResponse(kind=pb.InvokeResponse.ERROR, error_type="ResultEncodingError",
-                                         error_message=_text(f"the outcome cannot be sent: {_describe(exc)}"))
+                                         error_message=_text(f"the outcome cannot be sent: {type(exc).__name__}: {_message(exc)}"))
         response.duration_us = int((time.monotonic() - started) * 1e6)
         response.max_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return response
@@ -149,10 +149,6 @@ def _message(exc: BaseException) -> str:
         return str(exc)
     except Exception as inner:
         return f"<{type(exc).__name__}.__str__ raised {type(inner).__name__}>"
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {_message(exc)}"
 
 
 def _text(value: str) -> str:
