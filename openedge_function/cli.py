@@ -24,10 +24,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv and argv[0] in ("invoke", "status"):
         return client_main(argv)
     if argv and argv[0] == "run":
-        from .local import main as run_main
+        from .commands.run import main as run_main
         return run_main(argv[1:])
     if argv and argv[0] == "new":
-        from .scaffold import main as new_main
+        from .commands.new import main as new_main
         return new_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="openedge-function",

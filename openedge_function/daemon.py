@@ -5,10 +5,9 @@ memory limits and looks after the template. Messages never pass through this thr
 on the data plane's loop (dataplane.py), which owns the broker connections, the pools and the
 streams to the instances.
 
-A function's code directory is watched: once an edit goes quiet, a pool of the new code starts an
-instance; when it is ready, it takes over what is queued and every new message while the old
-instances finish what they run. New code that does not load is logged once and shown in /status
-and /healthz, and the old code keeps serving. A requirements.txt is installed first (packages.py).
+A function's code directory is watched: once an edit goes quiet, new code takes over
+(deploy/handover.py); the daemon provides the pools and the switch. What /status and /healthz
+report is read from outside (api/status.py).
 
 SIGHUP re-reads the configuration. Unchanged rules and functions keep their connections and
 instances; a changed function gets a new pool at once while its old instances finish what they
@@ -29,25 +28,26 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
 
-from .calls import Calls
-from .cgroups import Cgroups, detect
-from .codewatch import CodeWatch
+from .api.calls import Calls
+from .broker import Publisher
 from .config import AppConfig, Function, Hub, Rule, Server, load_config
 from .dataplane import DataPlane
+from .deploy.codewatch import CodeWatch
+from .deploy.handover import Handover
+from .deploy.packages import Installer, PackageCache
 from .errors import ConfigError, InvocationError, ServerError
-from .hub import Publisher
-from .isolation import RunAs, RunDir, plan, warn_readable_secrets
+from .instances.fdwatch import FdWatcher
+from .instances.spawner import Spawner
+from .instances.template import Template, become_subreaper, reap_orphans
+from .isolation import Cgroups, RunAs, RunDir, detect, plan, warn_readable_secrets
 from .journal import Journal, journal_path
 from .logs import setup_logging
-from .packages import Installer, PackageCache
 from .pool import Pool
 from .rules import RuleRunner
-from .template import Template, become_subreaper, reap_orphans
-from .watch import Watcher
 
 if TYPE_CHECKING:
-    from .api import HttpServer
-    from .metrics import Metrics
+    from .api.metrics import Metrics
+    from .api.server import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,9 @@ class Daemon:
         self._cgroups: Optional[Cgroups] = None
         self._users: Dict[str, RunAs] = {}
         self._journal: Optional[Journal] = None
-        self._watcher: Optional[Watcher] = None
+        self._fdwatch: Optional[FdWatcher] = None
         self._template: Optional[Template] = None
-        self._code: Optional[CodeWatch] = None
-        self._candidates: Dict[str, Pool] = {}      # pools of new code, proving that it loads
-        self._code_errors: Dict[str, str] = {}      # why a function's new code does not load
+        self.handover: Optional[Handover] = None    # new code of functions whose code changed
         self._packages = PackageCache(config.packages)
         self._installer: Optional[Installer] = None
         self._posted: Deque[Tuple[Callable[..., None], Tuple[Any, ...]]] = collections.deque()
@@ -98,7 +96,7 @@ class Daemon:
         except BlockingIOError:
             pass
 
-    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+    def post(self, fn: Callable[..., None], *args: Any) -> None:
         """Run `fn(*args)` on the daemon's thread soon; from any thread."""
         self._posted.append((fn, args))
         try:
@@ -140,8 +138,8 @@ class Daemon:
                         "rlimits bound processes and address space instead", why)
         for name, who in self._users.items():
             log.info("function %s runs as %s", name, who)
-        self._watcher = Watcher()
-        self._code = CodeWatch(self._watcher)
+        self._fdwatch = FdWatcher()
+        self.handover = Handover(self, CodeWatch(self._fdwatch))
         self._packages.prune({key for key in (self._packages.key(f, self._users[f.name])
                                               for f in self.config.functions) if key})
         self._installer = Installer(self._packages)
@@ -168,10 +166,10 @@ class Daemon:
             self.plane.stop()
             if self._installer is not None:
                 self._installer.close()
-            if self._code is not None:
-                self._code.close()
-            if self._watcher is not None:
-                self._watcher.close()
+            if self.handover is not None:
+                self.handover.close()
+            if self._fdwatch is not None:
+                self._fdwatch.close()
             if self._cgroups is not None:
                 self._cgroups.close()
             if self._journal is not None:
@@ -182,7 +180,7 @@ class Daemon:
         config = self.config
         self.publisher = self._publisher(config.hub)
         for function in config.functions:
-            self.pools[function.name] = self._pool(function)
+            self.pools[function.name] = self.make_pool(function)
         for rule in config.rules:
             self.rules.append(self._runner(rule, config, self.pools, self.publisher))
         log.info("openedge-function (pid %s): %d functions, %d rules, broker %s",
@@ -195,68 +193,26 @@ class Daemon:
             self.http.start()
         for runner in self.rules:
             runner.start()
-        self._watch_code()
+        assert self.handover is not None
+        self.handover.follow(config.functions)
 
     def _serve(self, server: Server) -> None:
         """Bind the HTTP server (it serves once the pools exist)."""
         # Imported only with a server: a daemon without one doesn't carry them.
-        from .api import Api, HttpServer
-        from .metrics import Metrics
+        from .api import status
+        from .api.metrics import Metrics
+        from .api.server import Api, HttpServer
         self.metrics = Metrics(lambda: self.pools, lambda: self.rules, lambda: self.publisher)
         try:
-            self.http = HttpServer(Api(server, self.metrics, lambda: self.pools, self.health,
-                                       self.status), server)
+            self.http = HttpServer(Api(server, self.metrics, lambda: self.pools,
+                                       lambda: status.health(self), lambda: status.status(self)),
+                                   server)
         except OSError as exc:
             raise ServerError(f"server.address: cannot listen on {server.address}: {exc.strerror or exc}") \
                 from None
         log.info("HTTP server on http://%s:%d%s", server.host, self.http.port,
                  "" if server.token else " without a token: it only accepts loopback addresses "
                  "(set server.token to listen beyond)")
-
-    def health(self) -> Tuple[bool, List[str], List[str]]:
-        """Whether the daemon serves (connected to the broker and every `min` instance up), why
-        not, and what else needs a look: new code that does not load while the old one serves."""
-        reasons = []
-        if self.publisher is not None and not self.publisher.connected.is_set():
-            reasons.append("the publisher is not connected to the broker")
-        for runner in list(self.rules):
-            if not runner.intake.connected.is_set():
-                reasons.append(f"rule {runner.rule.name} is not connected to the broker")
-        for name, pool in list(self.pools.items()):
-            stats = pool.stats()
-            ready = stats["instances"] - stats["starting"] - stats["states"].get("stopping", 0)
-            if stats["failing"]:
-                reasons.append(f"function {name} fails to load: {stats['failing']}")
-            elif ready < pool.function.instance.min:
-                reasons.append(f"function {name} has {ready} of its {pool.function.instance.min} "
-                               "minimum instances up")
-        warnings = [f"function {name}: the new code does not load, the previous code serves: {error}"
-                    for name, error in sorted(self._code_errors.items())]
-        return not reasons, reasons, warnings
-
-    def status(self) -> dict:
-        """What `openedge-function status` prints."""
-        ok, reasons, warnings = self.health()
-        functions = {}
-        for name, pool in list(self.pools.items()):
-            functions[name] = {
-                "type": pool.function.type, "user": str(pool.sandbox.who),
-                "code": {"watch": (self._code.how if self._code else "on") if pool.function.watch else "off",
-                         "error": self._code_errors.get(name),
-                         "replacing": name in self._candidates},
-                "packages": ("installing" if pool.held else pool.paths[0] if pool.paths else None),
-                "min": pool.function.instance.min,
-                "max": pool.function.instance.max, **pool.stats(),
-                "instance_list": [{"id": i.id, "pid": i.pid, "state": i.state.value} for i in pool.instances()],
-            }
-        rules = {runner.rule.name: {"function": runner.function.name,
-                                    "connected": runner.intake.connected.is_set(), **runner.stats()}
-                 for runner in list(self.rules)}
-        return {"pid": os.getpid(), "uptime_s": round(time.time() - self.started_at, 1),
-                "healthy": ok, "reasons": reasons, "warnings": warnings,
-                "broker": {"address": self.config.hub.address,
-                           "connected": bool(self.publisher and self.publisher.connected.is_set())},
-                "functions": functions, "rules": rules}
 
     def _publisher(self, hub: Hub) -> Publisher:
         """Connect the publisher first, so that the first outcomes find it connected."""
@@ -266,20 +222,19 @@ class Daemon:
             log.warning("publisher: no connection to %s yet; starting anyway", hub.address)
         return publisher
 
-    def _pool(self, function: Function, candidate: bool = False) -> Pool:
+    def make_pool(self, function: Function, candidate: bool = False) -> Pool:
         """A pool for `function`; held until its requirements are installed. A `candidate` (new
-        code) starts one instance at once and leaves failures to `_candidate_ready`."""
-        assert self._rundir is not None and self._watcher is not None
+        code) starts one instance at once and leaves failures to the hand-over."""
+        assert self._rundir is not None and self._fdwatch is not None
         who = self._users[function.name]
-        sandbox = self._rundir.home(function, who, self._cgroups)
+        spawner = Spawner(self._rundir.home(function, who, self._cgroups), self._fdwatch, self._template,
+                          self.calls.handle)
         key = self._packages.key(function, who)   # None: no requirements.txt
         installed = self._packages.installed(key)
         install = key is not None and installed is None
-        pool = Pool(self.plane, function, sandbox, self._watcher, template=self._template,
-                    warm=candidate, held=install)
         if installed is not None:
-            pool.paths = (installed,)
-        pool.on_call = self.calls.handle
+            spawner.paths = (installed,)
+        pool = Pool(self.plane, function, spawner, warm=candidate, held=install)
         if self.metrics is not None:
             pool.observe = self.metrics.observer(function.name)
         if install:
@@ -313,78 +268,35 @@ class Daemon:
             while self._posted:
                 fn, args = self._posted.popleft()
                 fn(*args)
-            if self._code is not None:
-                for name, since in self._code.due():
-                    self._renew(name, since)
+            if self.handover is not None:
+                self.handover.check()
             self._maintain()
 
-    # -- new code -------------------------------------------------------------------------------
+    # -- new code (the hand-over's side of it) -------------------------------------------------
 
-    def _watch_code(self) -> None:
-        """Watch the code directories of the functions that want it (and only those)."""
-        assert self._code is not None
-        wanted = {f.name: f.codedir for f in self.config.functions if f.watch}
-        watched = {name: codedir for codedir, names in self._code.watched().items() for name in names}
-        for name, codedir in watched.items():
-            if wanted.get(name) != codedir:
-                self._code.unwatch(name)
-        for name, codedir in wanted.items():
-            if watched.get(name) != codedir:
-                self._code.watch(name, codedir)
-
-    def _renew(self, name: str, since: float) -> None:
-        """`name`'s code changed: start a pool of the new code (replacing one still starting)."""
-        pool = self.pools.get(name)
-        if pool is None:
-            return
-        stale = self._candidates.pop(name, None)
-        if stale is not None:
-            self._retire(stale)
-        candidate = self._pool(pool.function, candidate=True)
-        candidate.follow(stale or pool)
-        candidate.on_first = lambda error: self._post(self._candidate_ready, name, candidate, error, since)
-        self._candidates[name] = candidate
-        log.info("function %s: %s changed; starting an instance of the new code", name,
-                 pool.function.codedir)
-        self.plane.call(candidate.start)
-
-    def _candidate_ready(self, name: str, candidate: Pool, error: Optional[InvocationError],
-                         since: float) -> None:
-        """The new code's first instance is ready (it takes over) or failed (the old code stays)."""
-        if self._candidates.get(name) is not candidate:
-            return   # a later change, a reload or the stop replaced it meanwhile
-        del self._candidates[name]
-        if error is not None:
-            self._retire(candidate)
-            text = f"{error.error_type}: {error.message}"
-            if self._code_errors.get(name) != text:
-                log.error("function %s: the new code does not load, the previous code keeps serving: %s",
-                          name, text)
-            self._code_errors[name] = text
-            return
+    def take_over(self, name: str, pool: Pool) -> None:
+        """`pool` (new code of function `name`) serves from now on; the old pool finishes what
+        it runs and goes."""
         old = self.pools[name]
-        self.pools = {**self.pools, name: candidate}
+        self.pools = {**self.pools, name: pool}
         runners = [runner for runner in self.rules if runner.function.name == name]
 
         def switch() -> None:   # on the loop: between two messages, nothing queued runs old code
             for runner in runners:
-                runner.use(runner.function, candidate)
-            old.hand_over(candidate)
+                runner.use(runner.function, pool)
+            old.hand_over(pool)
 
         self.plane.run(switch)
         self._leaving.append(old)
-        self._code_errors.pop(name, None)
-        log.info("function %s: the new code serves, %.0f ms after the change", name,
-                 (time.monotonic() - since) * 1000)
 
-    def _retire(self, pool: Pool) -> None:
+    def retire(self, pool: Pool) -> None:
         pool.close()
         self._leaving.append(pool)
 
     def _maintain(self) -> None:
         for pool in self.pools.values():
             pool.check_memory()
-        for pool in list(self._candidates.values()):
+        for pool in list(self.handover.candidates.values() if self.handover else ()):
             pool.check_memory()
         for pool in list(self._leaving):
             pool.check_memory()
@@ -421,20 +333,14 @@ class Daemon:
         added = [f.name for f in new.functions if f.name not in self.pools]
         for function in new.functions:
             pool = self.pools.get(function.name)
-            if pool is not None and pool.function == function and pool.sandbox.who == users[function.name]:
+            if pool is not None and pool.function == function and pool.spawner.sandbox.who == users[function.name]:
                 pools[function.name] = pool
             else:
-                pools[function.name] = self._pool(function)
+                pools[function.name] = self.make_pool(function)
                 self.plane.call(pools[function.name].start)
         leaving = [pool for name, pool in self.pools.items() if pools.get(name) is not pool]
-        for name, candidate in list(self._candidates.items()):
-            if pools.get(name) is not self.pools.get(name):   # replaced or removed: moot
-                del self._candidates[name]
-                leaving.append(candidate)
-                candidate.close()
-        for name in list(self._code_errors):
-            if pools.get(name) is not self.pools.get(name):
-                del self._code_errors[name]
+        assert self.handover is not None
+        leaving += self.handover.forget(lambda name: pools.get(name) is not self.pools.get(name))
 
         kept: List[RuleRunner] = []
         stopping: List[Tuple[RuleRunner, bool]] = []   # (runner, removed for good)
@@ -462,7 +368,7 @@ class Daemon:
         log.info("SIGHUP: configuration reloaded: %d rules kept, %d stopped, %d started; functions: "
                  "%d added, %d replaced, %d removed", len(kept), len(stopping), len(starting),
                  len(added), replaced, sum(1 for name in old_pools if name not in pools))
-        self._watch_code()
+        self.handover.follow(new.functions)
         transition = threading.Thread(target=self._transition,
                                       args=(stopping, starting, leaving, retired_publisher),
                                       name="reload", daemon=True)
@@ -496,8 +402,7 @@ class Daemon:
             transition.join()
         for runner in self.rules:
             runner.intake.stop_intake()
-        pools = list(self.pools.values()) + self._leaving + list(self._candidates.values())
-        self._candidates.clear()
+        pools = list(self.pools.values()) + self._leaving + (self.handover.drop_all() if self.handover else [])
         for pool in pools:
             pool.close()
         longest = max((p.function.instance.timeout for p in pools), default=0.0)

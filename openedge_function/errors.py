@@ -1,4 +1,5 @@
-"""Errors of the daemon, and the error envelope published for a failed invocation.
+"""Errors of the daemon, and the error envelope published for a failed invocation. Depends on
+nothing else in the daemon.
 
 OpenEdgeFunctionError                 base of everything the daemon raises on purpose
 ├── ConfigError                       application.yml is wrong: names file, field and value
@@ -8,6 +9,7 @@ OpenEdgeFunctionError                 base of everything the daemon raises on pu
     ├── ResultEncodingError           the handler's result could not be encoded
     ├── FunctionTimeout               ran past instance.timeout; the instance was killed
     ├── MemoryLimitExceeded           RSS past instance.memory; the instance was killed
+    ├── PoisonMessage                 in flight at each of the daemon's last crashes: not run again
     ├── InstanceCrashed               the instance process died during the invocation
     ├── FunctionLoadError             the handler or initializer could not be loaded
     ├── MessageTooLarge               payload over instance.message.length.max
@@ -23,7 +25,7 @@ from typing import Any, Optional, Sequence
 
 __all__ = [
     "OpenEdgeFunctionError", "ConfigError", "ConfigErrors", "ServerError", "InvocationError", "HandlerError",
-    "ResultEncodingError", "FunctionTimeout", "MemoryLimitExceeded", "InstanceCrashed",
+    "ResultEncodingError", "FunctionTimeout", "MemoryLimitExceeded", "PoisonMessage", "InstanceCrashed",
     "FunctionLoadError", "MessageTooLarge", "MessageExpired", "ResultTooLarge", "PublishRefused",
     "Packet", "build_envelope", "brief", "error_of",
 ]

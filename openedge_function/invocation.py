@@ -1,12 +1,24 @@
-"""One message (or HTTP call) on its way to a function, and the id it is known by."""
+"""One message (or HTTP call) on its way to a function, the id it is known by, and its outcome.
+
+An outcome is an InvokeResponse from the instance, or the InvocationError that stands instead of
+one. `failure()` is the one place that tells a result from an error (the handler's own, carried
+in an ERROR response, included); `label()` names an outcome for the summary line and the metrics.
+"""
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
-from .errors import InvocationError
+from runtime_python._pb import function_pb2 as pb
+
+from .errors import InvocationError, error_of
 
 Outcome = Union[Any, InvocationError]   # an InvokeResponse, or why there is none
+
+# The kinds of an InvokeResponse (function.proto), named once for the whole supervisor.
+NONE, BYTES, JSON, ERROR = (pb.InvokeResponse.NONE, pb.InvokeResponse.BYTES, pb.InvokeResponse.JSON,
+                            pb.InvokeResponse.ERROR)
+JSON_TYPE, BYTES_TYPE = "application/json", "application/octet-stream"
 
 _bits = random.Random().getrandbits   # seeded from os.urandom
 
@@ -18,6 +30,34 @@ def new_request_id() -> str:
     n = n & ~(0xf000 << 64) | (4 << 76)                  # version 4
     h = "%032x" % n
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def failure(outcome: Outcome) -> Optional[InvocationError]:
+    """The error an outcome stands for, None for a result (a value, bytes or None)."""
+    if isinstance(outcome, InvocationError):
+        return outcome
+    if outcome.kind == ERROR:
+        return error_of(outcome)
+    return None
+
+
+def label(response: Any) -> str:
+    """An instance's response as the summary line and the metrics count it: `ok`, `none`, or
+    the error type."""
+    kind = response.kind
+    return response.error_type if kind == ERROR else "none" if kind == NONE else "ok"
+
+
+def content_type(response: Any) -> str:
+    """The content type of a result's payload."""
+    return BYTES_TYPE if response.kind == BYTES else JSON_TYPE
+
+
+class Delivery(NamedTuple):
+    """What a rule keeps of an MQTT message beside its invocation."""
+    retain: bool
+    dup: bool
+    generation: int   # the intake's connection it came on: acknowledged only on that one
 
 
 class Invocation:
@@ -39,7 +79,7 @@ class Invocation:
         self.mid = mid
         self.done = done
         self.abandon = abandon
-        self.context = context
+        self.context = context   # what its caller keeps with it (a rule: its Delivery)
         self.attempts = 0
         self.solo = False   # runs in a batch of its own (after a batch it was in failed)
         self.extra: Optional[dict] = None   # more InvokeRequest fields (HTTP: content_type, http, ...)

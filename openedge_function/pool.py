@@ -2,35 +2,49 @@
 
 An invocation goes to the most recently idle instance (so the others can age out), else waits in
 the pool's backlog while a new instance starts (when fewer than `max` exist), else waits for the
-next free one. Each instance has a worker task (worker.py); starting an instance happens in the
-control threads, so intake never stalls on it.
+next free one. Each instance has a worker task (worker.py, whose `PoolSide` is what the pool owes
+it); starting an instance happens in the control threads, so intake never stalls on it. The pool's
+spawner (instances/spawner.py) makes the instances.
 
 The pool's state belongs to the data plane's loop: intake (`submit`, `push`) and the workers call
 it there. Other threads go through the loop (`offer` and `withdraw` for HTTP calls, `close`,
 `abort`) or only read (`stats`, `instances`). When the backlog is full the pool tells its
-watchers (the rules' intakes) to pause, and again when there is room.
+listeners (the rules' intakes) to pause, and again when there is room.
 """
 from __future__ import annotations
 
 import collections
+import enum
 import logging
 import time
-from typing import Callable, List, Optional, Set, Tuple, Union
+from typing import Callable, List, Optional, Set, Tuple
 
 from .backlog import Backlog, BatchSizer
 from .config import Function
 from .dataplane import DataPlane
 from .errors import InvocationError
-from .instance import Instance
+from .instances.instance import Instance
+from .instances.lifecycle import State
+from .instances.memory import enforce_memory
+from .instances.spawner import Spawner
 from .invocation import Invocation
-from .isolation import Sandbox
-from .lifecycle import State
-from .limits import enforce_memory
-from .template import Template
-from .watch import Watcher
 from .worker import Worker
 
 log = logging.getLogger(__name__)
+
+
+class WhenFull(enum.Enum):
+    """What taking an invocation does when the backlog is full."""
+    HOLD = "hold"        # take it all the same (intake pauses)
+    DROP = "drop"        # drop it, counted (QoS 0 with overflow: drop)
+    REFUSE = "refuse"    # refuse it (a direct call, which answers QueueFull)
+
+
+class Refusal(enum.Enum):
+    """Why a pool did not take an invocation."""
+    CLOSED = "closed"      # stopped (a closed pool with a successor hands the call on)
+    FULL = "full"          # no idle instance and a full backlog
+    DEADLOCK = "deadlock"  # its callers hold every instance it may have
 
 _BACKOFF_FIRST, _BACKOFF_MAX = 1.0, 60.0
 _TICK = 0.05   # seconds between checks of deadlines, idle instances and `min`
@@ -39,15 +53,11 @@ _TICK = 0.05   # seconds between checks of deadlines, idle instances and `min`
 class Pool:
     """The instances of one function, and the invocations waiting for them."""
 
-    def __init__(self, plane: DataPlane, function: Function, sandbox: Union[str, Sandbox], watcher: Watcher,
-                 queue_max: int = 0, template: Optional[Template] = None, warm: bool = False,
-                 held: bool = False) -> None:
+    def __init__(self, plane: DataPlane, function: Function, spawner: Spawner, queue_max: int = 0,
+                 warm: bool = False, held: bool = False) -> None:
         self.plane = plane
         self.function = function
-        self._template = template
-        # A directory alone (tests): instances run as the daemon's user, without cgroups.
-        self.sandbox = sandbox if isinstance(sandbox, Sandbox) else Sandbox.make(sandbox, function)
-        self._watcher = watcher
+        self.spawner = spawner
         limits = function.instance
         self._min, self._max = limits.min, limits.max
         self.timeout = limits.timeout
@@ -67,7 +77,7 @@ class Pool:
         self._retry_at = 0.0
         self._backoff = _BACKOFF_FIRST
         self._full = False
-        self._watchers: List[Callable[[bool], None]] = []
+        self._listeners: List[Callable[[bool], None]] = []
         self._held_at = float("-inf")
         self._tick: Optional[object] = None
         self.dropped = 0
@@ -75,12 +85,9 @@ class Pool:
         self._warm = 1 if warm else 0
         # Held: no instance starts until `release()` (its requirements are being installed).
         self.held = held
-        self.paths: Tuple[str, ...] = ()   # the function's own packages, on its instances' sys.path
         # Called once, on the loop, with None when the first instance is ready or with the error
-        # that kept it from starting: the daemon's swap to new code.
+        # that kept it from starting: the hand-over to new code (deploy/handover.py).
         self.on_first: Optional[Callable[[Optional[InvocationError]], None]] = None
-        # Answers its instances' calls to other functions (context.invoke): the daemon's Calls.
-        self.on_call: Optional[Callable[[dict, Callable[[dict], None]], None]] = None
         # Called with (outcome, seconds) after each invocation that ran: the daemon's metrics.
         self.observe: Optional[Callable[[str, float], None]] = None
 
@@ -100,48 +107,47 @@ class Pool:
             self._grow()
             self._tick = self.plane.loop.call_later(_TICK, self._check)
 
-    def watch(self, on_full: Callable[[bool], None]) -> None:
+    def listen(self, on_full: Callable[[bool], None]) -> None:
         """Call `on_full(True)` when the backlog fills, `on_full(False)` when it has room again."""
-        self._watchers.append(on_full)
+        self._listeners.append(on_full)
         if self._full:
             on_full(True)
 
-    def unwatch(self, on_full: Callable[[bool], None]) -> None:
-        if on_full in self._watchers:
-            self._watchers.remove(on_full)
+    def unlisten(self, on_full: Callable[[bool], None]) -> None:
+        if on_full in self._listeners:
+            self._listeners.remove(on_full)
             if self._full:
                 on_full(False)
 
     def submit(self, invocation: Invocation, droppable: bool = False) -> bool:
         """Hand `invocation` to an instance or queue it. A full backlog drops a `droppable`
-        invocation (counted) and takes any other one, telling the watchers to pause intake.
+        invocation (counted) and takes any other one, telling the listeners to pause intake.
         False when the invocation was not taken (dropped, or the pool is closed)."""
-        return self._take(invocation, "drop" if droppable else "hold") is None
+        return self._take(invocation, WhenFull.DROP if droppable else WhenFull.HOLD) is None
 
-    def offer(self, invocation: Invocation, callers: int = 0) -> Optional[str]:
-        """Take a direct call (HTTP) without waiting: None when taken, else why not: `closed`,
-        `full` (no idle instance and a full backlog), or `deadlock` when the `callers` instances
-        of this function that wait on this very call (context.invoke) are all it can have.
-        From any thread."""
-        return self.plane.run(self._take, invocation, "refuse", callers)
+    def offer(self, invocation: Invocation, callers: int = 0) -> Optional[Refusal]:
+        """Take a direct call (HTTP) without waiting: None when taken, else why not; DEADLOCK
+        when the `callers` instances of this function that wait on this very call
+        (context.invoke) are all it can have. From any thread."""
+        return self.plane.run(self._take, invocation, WhenFull.REFUSE, callers)
 
-    def _take(self, invocation: Invocation, when_full: str, callers: int = 0) -> Optional[str]:
+    def _take(self, invocation: Invocation, when_full: WhenFull, callers: int = 0) -> Optional[Refusal]:
         if self._closed:   # a call that found this pool just before new code took over goes on
-            return "closed" if self._successor is None else self._successor._take(invocation, when_full, callers)
+            if self._successor is None:
+                return Refusal.CLOSED
+            return self._successor._take(invocation, when_full, callers)
         if self._idle:
             self._idle.pop().assign(invocation)
             return None
         if callers >= self._max:
-            return "deadlock"
+            return Refusal.DEADLOCK
         if self._failing() and not self._workers:
             invocation.done(invocation, self._failure)
             return None
-        if self.backlog.full():
-            if when_full == "drop":
+        if self.backlog.full() and when_full is not WhenFull.HOLD:
+            if when_full is WhenFull.DROP:
                 self.dropped += 1
-                return "full"
-            if when_full == "refuse":
-                return "full"
+            return Refusal.FULL
         self._enqueue(invocation)
         return None
 
@@ -174,14 +180,14 @@ class Pool:
                 log.warning("function %s: all %d instances busy and %d messages queued: pausing intake",
                             self.function.name, len(self._workers), len(self.backlog))
             self._held_at = now
-            for on_full in list(self._watchers):
+            for on_full in list(self._listeners):
                 on_full(True)
         self._grow()
 
     def _check_room(self) -> None:
         if self._full and not self.backlog.full():
             self._full = False
-            for on_full in list(self._watchers):
+            for on_full in list(self._listeners):
                 on_full(False)
 
     def _failing(self) -> bool:
@@ -199,9 +205,7 @@ class Pool:
             wanted = min(wanted, 1 - self._starting)
         for _ in range(max(0, min(wanted, self._max - len(self._workers)))):
             self._seq += 1
-            instance = Instance(self.function, self._seq, self.sandbox, self._watcher, self._on_lost,
-                                self._template, self.paths)
-            instance.on_call = self.on_call
+            instance = self.spawner.instance(self.function, self._seq, self._on_lost)
             worker = Worker(self, instance)
             self._workers.add(worker)
             self._starting += 1
@@ -258,7 +262,7 @@ class Pool:
 
     def release(self, paths: Tuple[str, ...] = ()) -> None:
         """Start instances (with `paths` on their sys.path): the function's packages are in place."""
-        self.paths = paths
+        self.spawner.paths = paths
         self.held = False
         self._grow()
 
@@ -346,7 +350,7 @@ class Pool:
             self._tick = None
 
     def _on_lost(self, instance: Instance) -> None:
-        """The watcher (its own thread) saw an instance's process go."""
+        """The fd watcher (its own thread) saw an instance's process go."""
         if not self._closed:
             log.info("instance %s: process %s ended", instance.id, instance.pid)
         self.plane.call(self._lost, instance)
@@ -398,7 +402,7 @@ class Pool:
         if self._workers:
             return False
         if self._closed:
-            self.sandbox.remove()
+            self.spawner.sandbox.remove()
         return True
 
     # -- reading (any thread) ----------------------------------------------------------------------

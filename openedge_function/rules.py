@@ -34,16 +34,14 @@ from .config import Function, Hub, Publication, Rule
 from .dataplane import DataPlane
 from .errors import (FunctionLoadError, HandlerError, InstanceCrashed, InvocationError, MessageExpired,
                      MessageTooLarge, Packet, PoisonMessage, PublishRefused, ResultTooLarge, brief,
-                     build_envelope, error_of)
-from .hub import Intake, Publisher
-from .invocation import Invocation, Outcome, new_request_id
+                     build_envelope)
+from .broker import Intake, Publisher
+from .invocation import JSON_TYPE, NONE, Delivery, Invocation, Outcome, content_type, failure, new_request_id
 from .journal import CRASHES, Journal, key
 from .pool import Pool
 
 log = logging.getLogger(__name__)
 
-_NONE, _BYTES, _ERROR = 0, 1, 3   # InvokeResponse.Kind values the dispatcher tells apart
-_JSON_TYPE, _BYTES_TYPE = "application/json", "application/octet-stream"
 # An envelope on its way out: the error, the user properties the handler set, and whether it is
 # the bare one (no input payload, message cut) sent when the whole one was not taken.
 _Envelope = Tuple[InvocationError, Any, bool]
@@ -90,14 +88,14 @@ class RuleRunner:
         self.function = function
         self._message_max = function.instance.message_max
         if pool is not self.pool:
-            self.pool.unwatch(self._on_full)
+            self.pool.unlisten(self._on_full)
             self.pool = pool
-            pool.watch(self._on_full)
+            pool.listen(self._on_full)
 
     def start(self) -> None:
         """Connect and subscribe; from any thread."""
         def attach() -> None:
-            self.pool.watch(self._on_full)
+            self.pool.listen(self._on_full)
             self.publisher.attach(self.intake)
         self._plane.call(attach)
         self.intake.start()
@@ -105,7 +103,7 @@ class RuleRunner:
     def stop(self) -> None:
         """Disconnect (what is not acknowledged the broker delivers again); from any thread."""
         def detach() -> None:
-            self.pool.unwatch(self._on_full)
+            self.pool.unlisten(self._on_full)
             self.publisher.detach(self.intake)
         self._plane.run(detach)
         self.intake.stop()
@@ -126,7 +124,7 @@ class RuleRunner:
         qos = message.qos
         invocation = Invocation(new_request_id(), message.topic, qos, payload,
                                 int(time.time() * 1000), message.mid, self._done, self._abandon,
-                                (message.retain, message.dup, self.intake.generation))
+                                Delivery(message.retain, message.dup, self.intake.generation))
         self.pending += 1
         journal = self._journal
         if qos and journal is not None:
@@ -196,26 +194,25 @@ class RuleRunner:
     # -- outcomes (on the loop) -------------------------------------------------------------------
 
     def _done(self, invocation: Invocation, outcome: Outcome) -> None:
-        if isinstance(outcome, InvocationError):
-            if isinstance(outcome, InstanceCrashed) and invocation.attempts < self._retry_max:
-                log.warning("rule %s: request %s: %s; running it again (retry %d of %d)",
-                            self.rule.name, invocation.request_id, outcome.message,
-                            invocation.attempts + 1, self._retry_max)
-                invocation.attempts += 1
-                self.pool.push(invocation, first=True)
-                return
-            self._fail(invocation, outcome)
-            return
-        kind = outcome.kind
-        if kind == _ERROR:
-            self._fail(invocation, error_of(outcome), outcome.user_properties)
+        error = failure(outcome)
+        if error is not None:
+            if error is outcome:   # no answer from the handler: nothing it set goes with the envelope
+                if isinstance(error, InstanceCrashed) and invocation.attempts < self._retry_max:
+                    log.warning("rule %s: request %s: %s; running it again (retry %d of %d)",
+                                self.rule.name, invocation.request_id, error.message,
+                                invocation.attempts + 1, self._retry_max)
+                    invocation.attempts += 1
+                    self.pool.push(invocation, first=True)
+                    return
+                self._fail(invocation, error)
+            else:
+                self._fail(invocation, error, outcome.user_properties)
             return
         publish = self._publish
-        if kind == _NONE or (publish is None and invocation.reply is None):
+        if outcome.kind == NONE or (publish is None and invocation.reply is None):
             self._settle(invocation)
             return
-        self._deliver(invocation, publish, outcome.payload, outcome.user_properties,
-                      _BYTES_TYPE if kind == _BYTES else _JSON_TYPE)
+        self._deliver(invocation, publish, outcome.payload, outcome.user_properties, content_type(outcome))
 
     def _deliver(self, invocation: Invocation, target: Optional[Publication], payload: bytes,
                  users: Any, content_type: str, envelope: Optional[_Envelope] = None) -> None:
@@ -264,13 +261,14 @@ class RuleRunner:
         if target is None and invocation.reply is None:
             self._settle(invocation)
             return
-        retain, dup, _ = invocation.context
+        delivery: Delivery = invocation.context
         if bare:
             error = brief(error)
         payload = b"" if bare or isinstance(error, MessageTooLarge) else invocation.payload
-        packet = Packet(invocation.topic, payload, invocation.qos, retain, dup, invocation.mid)
+        packet = Packet(invocation.topic, payload, invocation.qos, delivery.retain, delivery.dup,
+                        invocation.mid)
         envelope = build_envelope(error, invocation.request_id, self.function.name, packet)
-        self._deliver(invocation, target, envelope, users, _JSON_TYPE, (error, users, bare))
+        self._deliver(invocation, target, envelope, users, JSON_TYPE, (error, users, bare))
 
     def _send(self, invocation: Invocation, topic: str, payload: bytes, qos: int,
               properties: Optional[Properties] = None, envelope: Optional[_Envelope] = None) -> None:
@@ -326,7 +324,7 @@ class RuleRunner:
     def _settle(self, invocation: Invocation, ack: bool = True) -> None:
         """The end of a message here: acknowledge it (QoS 1) and let the next of its topic go."""
         if ack and invocation.qos:
-            self.intake.ack(invocation.mid, invocation.qos, invocation.context[2])
+            self.intake.ack(invocation.mid, invocation.qos, invocation.context.generation)
         if invocation.slot >= 0:
             self._forget(invocation)
         self.pending -= 1

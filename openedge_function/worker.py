@@ -2,7 +2,8 @@
 
 A worker is a task. Starting and stopping the process block, so they run in the control
 threads; everything else (the stream, the outcomes, the next batch) happens on the loop, so an
-invocation costs no thread hand-off in the supervisor.
+invocation costs no thread hand-off in the supervisor. What a worker needs from its pool is
+`PoolSide`; the pool (pool.py) is the one that provides it.
 """
 from __future__ import annotations
 
@@ -10,23 +11,54 @@ import asyncio
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, List, Optional
+from typing import Callable, List, Optional, Protocol
 
 from runtime_python._pb import function_pb2 as pb
 
+from .backlog import BatchSizer
+from .config import Function
+from .dataplane import DataPlane
 from .errors import FunctionTimeout, InstanceCrashed, InvocationError, MemoryLimitExceeded, MessageExpired
-from .instance import Instance, StreamBroken
-from .invocation import Invocation
-from .lifecycle import State
-
-if TYPE_CHECKING:
-    from .pool import Pool
+from .instances.instance import Instance, StreamBroken
+from .instances.lifecycle import State
+from .invocation import Invocation, label
 
 log = logging.getLogger(__name__)
 summary_log = logging.getLogger("openedge_function.summary")   # one line per invocation
 
-_NONE: dict = {}
-_ERROR, _NONE_KIND = pb.InvokeResponse.ERROR, pb.InvokeResponse.NONE
+_NO_FIELDS: dict = {}
+
+
+class PoolSide(Protocol):
+    """What a worker needs from its pool. Every method is called on the data plane's loop."""
+
+    plane: DataPlane
+    function: Function
+    timeout: float              # instance.timeout, seconds
+    timeout_ms: int             # the same, for the runtime
+    ready_timeout: float        # how long an instance may take to start
+    sizer: BatchSizer           # learns handler durations, sizes batches
+    aborting: bool              # stopping now: what fails is abandoned, not answered
+    observe: Optional[Callable[[str, float], None]]   # (outcome label, seconds) per invocation
+
+    def started(self, worker: "Worker") -> Optional[List[Invocation]]:
+        """`worker`'s instance is ready: its first batch ([] when idle, None to retire)."""
+
+    def start_failed(self, worker: "Worker", error: InvocationError) -> None:
+        """`worker`'s instance did not start, for `error`; the worker is done."""
+
+    def next_batch(self, worker: "Worker") -> Optional[List[Invocation]]:
+        """After a batch: the next one, [] once the worker is marked idle (it then waits for
+        `assign`), None when it should retire."""
+
+    def retire(self, worker: "Worker") -> None:
+        """`worker`'s instance is not reusable (timed out, crashed, out of memory)."""
+
+    def push(self, invocation: Invocation, first: bool = False) -> None:
+        """Queue an invocation again (to run alone after its batch failed)."""
+
+    def gone(self, worker: "Worker") -> None:
+        """`worker`'s instance is stopped and reaped; the worker is done."""
 
 
 class Worker:
@@ -34,7 +66,7 @@ class Worker:
 
     __slots__ = ("pool", "instance", "idle_since", "retiring", "_wake", "task")
 
-    def __init__(self, pool: "Pool", instance: Instance) -> None:
+    def __init__(self, pool: PoolSide, instance: Instance) -> None:
         self.pool = pool
         self.instance = instance
         self.idle_since = 0.0
@@ -98,7 +130,7 @@ class Worker:
                     return True
                 break
         instance.deadline = started + pool.timeout   # before BUSY: the deadline check reads both
-        instance.request_id = batch[0].request_id
+        instance.output.request_id = batch[0].request_id   # for output the runtime did not mark
         instance.lifecycle.to(State.BUSY)
         message = pb.InvokeBatch()
         add = message.requests.add   # built in place: a list of requests would be copied again
@@ -106,7 +138,7 @@ class Worker:
         for invocation in batch:
             add(request_id=invocation.request_id, topic=invocation.topic, qos=invocation.qos,
                 payload=invocation.payload, timestamp_ms=invocation.timestamp_ms,
-                timeout_ms=timeout_ms, message_id=invocation.mid, **(invocation.extra or _NONE))
+                timeout_ms=timeout_ms, message_id=invocation.mid, **(invocation.extra or _NO_FIELDS))
         try:
             responses = await instance.invoke(message)
         except StreamBroken:
@@ -120,8 +152,7 @@ class Worker:
             seconds = response.duration_us / 1e6
             sizer.observe(seconds)
             if summaries or observe is not None:
-                outcome = response.error_type if response.kind == _ERROR else (
-                    "none" if response.kind == _NONE_KIND else "ok")
+                outcome = label(response)
                 if summaries:
                     self._summary(invocation, outcome, seconds, response.max_rss_kb << 10)
                 if observe is not None:

@@ -16,6 +16,8 @@ import socket
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
+from runtime_python.wire import CALL, REPLY
+
 
 class Channel:
     def __init__(self, sock: socket.socket) -> None:
@@ -56,7 +58,7 @@ class Channel:
                 raise ConnectionError("the supervisor is gone")
             self._waiting[call_id] = waiter
         try:
-            self.send({"call": call_id, "function": function, "headers": headers, "query": query,
+            self.send({CALL: call_id, "function": function, "headers": headers, "query": query,
                        "body": base64.b64encode(body).decode("ascii")})
             # As an HTTP client's socket timeout would: the callee may still run, unanswered.
             if not waiter[0].wait(timeout):
@@ -77,9 +79,9 @@ class Channel:
                 message = self.read_line()
                 if message is None:
                     break
-                if "reply" in message:
+                if REPLY in message:
                     with self._lock:
-                        waiter = self._waiting.get(message["reply"])
+                        waiter = self._waiting.get(message[REPLY])
                     if waiter is not None:
                         waiter[1] = message
                         waiter[0].set()

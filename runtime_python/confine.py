@@ -42,7 +42,18 @@ def take_environment(env: Dict[str, str]) -> None:
     sys.dont_write_bytecode = bool(env.get("PYTHONDONTWRITEBYTECODE"))
 
 
-def confine(process: Dict[str, Any], codedir: str, prctl: Any) -> None:
+def prctl(option: int, value: Any) -> bool:
+    """Linux prctl(2) with one argument; False where it fails or does not exist."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
+    except Exception:
+        return False
+
+
+def confine(process: Dict[str, Any], codedir: str) -> None:
     """Become the user the spec names, take its limits and enter `codedir`. Raises LoadError."""
     uid, gid, who = process.get("uid"), process.get("gid"), process.get("user", "")
     if uid is not None and os.geteuid() == 0 and (uid, gid) != (0, 0):

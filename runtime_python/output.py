@@ -12,7 +12,9 @@ import io
 import os
 from typing import Any, List
 
-MARK, SEPARATOR = "\x1e", "\x1f"
+from runtime_python.wire import MARK, SEPARATOR, truncation_marker
+
+__all__ = ["Budget", "LineWriter", "MARK", "SEPARATOR", "truncation_marker"]
 
 
 class Budget:
@@ -118,11 +120,6 @@ class LineWriter(io.TextIOBase):
                 record = record[os.write(self._fd, record):]
         except OSError:
             pass   # the daemon went away; the lifeline ends this process
-
-
-def truncation_marker(limit: int) -> str:
-    """The line that replaces what an invocation prints past `limit` bytes."""
-    return f"[output truncated: over {limit} bytes in this invocation]"
 
 
 class _BinaryFront:

@@ -25,13 +25,12 @@ from typing import Any, Callable, Dict, List, Optional
 
 from runtime_python import channel, codec, wsgi
 from runtime_python.channel import Channel
-from runtime_python.confine import close_other_files, confine, take_environment
+from runtime_python.confine import close_other_files, confine, prctl, take_environment
 from runtime_python.context import context_class
 from runtime_python.loader import LoadError, load, user_frames
 from runtime_python.output import Budget, LineWriter
+from runtime_python.wire import EXIT_LOAD_ERROR, KEY_HEADER, LOAD_ERROR, LOADED, READY, SPEC
 
-EXIT_LOAD_ERROR = 4
-KEY_HEADER = "x-openedge-key"   # gRPC metadata: the instance's key, which the supervisor alone holds
 PR_SET_PDEATHSIG = 1
 # Signals whose default action dumps core. Sent to the whole process (`os.kill(os.getpid(), ...)`)
 # Linux gives one to the main thread and lets the sender run on, so a handler could still answer
@@ -169,17 +168,6 @@ def flush_output() -> None:
             pass
 
 
-def prctl(option: int, value: Any) -> bool:
-    """Linux prctl(2) with one argument; False where it fails or does not exist."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-        return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
-    except Exception:
-        return False
-
-
 def watch_parent(status: Optional[Channel], parent_pid: Optional[int]) -> None:
     """Die with the supervisor: PR_SET_PDEATHSIG, and end-of-file on the status channel."""
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -207,7 +195,7 @@ def load_failed(status: Optional[Channel], exc: LoadError) -> int:
     """Say why the handler cannot run (to the supervisor, else on stderr); the exit status."""
     if status is None:
         sys.__stderr__.write(exc.message + "\n")
-    report(status, {"load_error": {"message": exc.message, "stackTrace": exc.stack_trace}})
+    report(status, {LOAD_ERROR: {"message": exc.message, "stackTrace": exc.stack_trace}})
     flush_output()
     return EXIT_LOAD_ERROR
 
@@ -222,7 +210,7 @@ def read_spec(status: Optional[Channel]) -> Dict[str, Any]:
         message = None
     if message is None:
         os._exit(1)   # the supervisor is gone already
-    return message.get("spec", {})
+    return message.get(SPEC, {})
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -244,7 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     codedir = os.path.abspath(args.codedir)
     args.codedir = codedir
     try:
-        confine(process, codedir, prctl)
+        confine(process, codedir)
     except LoadError as exc:
         return load_failed(status, exc)
     spec.setdefault("name", args.function)
@@ -264,7 +252,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         handler = load(args.handler, codedir, "handler")
         if args.initializer:
             initializer = load(args.initializer, codedir, "initializer")
-            report(status, {"loaded": os.getpid()})
+            report(status, {LOADED: os.getpid()})
             request_id = str(uuid.uuid4())
             budget.start(request_id)
             context = context_class(spec)(request_id, args.instance_id)
@@ -285,7 +273,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ImportError as exc:   # a pinned protobuf or grpcio the runtime cannot work with
         return load_failed(status, LoadError(
             f"the runtime cannot import what it needs under {sys.executable}: {exc}", []))
-    report(status, {"ready": os.getpid()})
+    report(status, {READY: os.getpid()})
 
     stopping = threading.Event()
 

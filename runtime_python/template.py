@@ -24,7 +24,9 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from runtime_python import server
-from runtime_python.server import PR_SET_PDEATHSIG, flush_output, prctl
+from runtime_python.confine import prctl
+from runtime_python.server import PR_SET_PDEATHSIG, flush_output
+from runtime_python.wire import ERROR, PID, TEMPLATE_READY
 
 _PR_SET_NAME = 15
 _MAX_FDS = 3
@@ -106,7 +108,7 @@ def _fork_instance(request: Dict[str, Any], fds: List[int], control: socket.sock
 
 
 def serve(control: socket.socket) -> int:
-    control.sendall(b'{"ready": %d}' % os.getpid())
+    control.sendall(json.dumps({TEMPLATE_READY: os.getpid()}).encode())
     while True:
         try:
             message, fds, _, _ = socket.recv_fds(control, 1 << 20, _MAX_FDS)
@@ -118,14 +120,14 @@ def serve(control: socket.socket) -> int:
             request = json.loads(message)
             if len(fds) != _MAX_FDS:
                 raise ValueError(f"expected {_MAX_FDS} descriptors, got {len(fds)}")
-            reply: Dict[str, Any] = {"pid": _fork_instance(request, fds, control)}
+            reply: Dict[str, Any] = {PID: _fork_instance(request, fds, control)}
         except Exception as exc:
             for fd in fds:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-            reply = {"error": f"{type(exc).__name__}: {exc}"}
+            reply = {ERROR: f"{type(exc).__name__}: {exc}"}
         try:
             control.sendall(json.dumps(reply).encode("utf-8"))
         except OSError:

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
 
-from openedge_function.cgroups import detect
+from openedge_function.isolation.cgroups import detect
 from openedge_function.dataplane import DataPlane
 from openedge_function.isolation import remove_stale
 from tests.helpers import Broker, Collector, DaemonProcess, alive, wait_until, write_handler

@@ -9,13 +9,15 @@ import threading
 
 import pytest
 
-from openedge_function.config import Function, Instance as Limits
+from openedge_function.config import Function, Limits
 from openedge_function.errors import FunctionLoadError, InstanceCrashed, InvocationError
-from openedge_function.instance import Instance
-from openedge_function.lifecycle import State
+from openedge_function.instances.instance import Instance
+from openedge_function.instances.spawner import Spawner
+from openedge_function.isolation import Sandbox
+from openedge_function.instances.lifecycle import State
 from openedge_function.invocation import Invocation
 from openedge_function.pool import Pool
-from openedge_function.watch import Watcher
+from openedge_function.instances.fdwatch import FdWatcher as Watcher
 from runtime_python._pb import function_pb2 as pb
 from tests.helpers import alive, wait_until, write_handler
 
@@ -42,7 +44,7 @@ def make_function(tmp_path, source, handler="main.handler", **limits) -> Functio
 
 def start(function, rundir, watcher, plane) -> Instance:
     """Start the process (blocking, as the control threads do) and open its stream on the loop."""
-    instance = Instance(function, 1, rundir, watcher, lambda inst: None)
+    instance = Instance(function, 1, Sandbox.make(rundir, function), watcher, lambda inst: None)
     try:
         instance.start(ready_timeout=30)
     finally:
@@ -95,7 +97,7 @@ def test_load_failures_say_what_failed_and_why(tmp_path, rundir, watcher, files,
     for name, source in files.items():
         (codedir / name).write_text(source)
     function = Function(name="fn", handler=handler, codedir=str(codedir))
-    instance = Instance(function, 1, rundir, watcher, lambda inst: None)
+    instance = Instance(function, 1, Sandbox.make(rundir, function), watcher, lambda inst: None)
     with pytest.raises(FunctionLoadError) as info:
         instance.start(ready_timeout=30)
     assert words in info.value.message
@@ -123,7 +125,7 @@ def test_an_initializer_that_raises_is_a_load_failure(tmp_path, rundir, watcher)
     write_handler(str(codedir), "main.py", "def init(context):\n    raise ValueError('no db')\n"
                   "def handler(e, c):\n    return 1\n")
     function = Function(name="fn", handler="main.handler", initializer="main.init", codedir=str(codedir))
-    instance = Instance(function, 1, rundir, watcher, lambda inst: None)
+    instance = Instance(function, 1, Sandbox.make(rundir, function), watcher, lambda inst: None)
     with pytest.raises(FunctionLoadError) as info:
         instance.start(ready_timeout=30)
     assert "initializer main.init raised ValueError: no db" in info.value.message
@@ -152,7 +154,7 @@ def test_a_crash_answers_instance_crashed_and_the_next_message_gets_a_new_instan
                              "    if event.get('how') == 'exit':\n        os._exit(3)\n"
                              "    if event.get('how') == 'segv':\n        os.kill(os.getpid(), signal.SIGSEGV)\n"
                              "    return os.getpid()\n", max=1)
-    pool = Pool(plane, function, rundir, watcher)
+    pool = Pool(plane, function, Spawner(Sandbox.make(rundir, function), watcher))
     outcomes = Outcomes()
 
     def submit(invocation) -> None:

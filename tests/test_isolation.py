@@ -17,7 +17,7 @@ import tempfile
 
 import pytest
 
-from openedge_function.cgroups import detect
+from openedge_function.isolation.cgroups import detect
 from tests.helpers import DaemonProcess, function, publish, rule, wait_until, write_handler
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
@@ -380,9 +380,9 @@ def test_a_daemon_that_is_not_root_refuses_another_user(tmp_path):
 def test_two_instances_with_one_id_get_groups_of_their_own(tmp_path):
     """A function replaced on reload numbers its instances from 1 again while the old ones run."""
     from openedge_function.config import Function
-    from openedge_function.instance import Instance
+    from openedge_function.instances.instance import Instance
     from openedge_function.isolation import Sandbox, current
-    from openedge_function.watch import Watcher
+    from openedge_function.instances.fdwatch import FdWatcher as Watcher
     cgroups, why = detect()
     if cgroups is None:
         pytest.skip(f"no cgroups here: {why}")

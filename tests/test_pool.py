@@ -11,11 +11,13 @@ import uuid
 import psutil
 import pytest
 
-from openedge_function.config import Function, Instance as Limits
+from openedge_function.config import Function, Limits
 from openedge_function.errors import FunctionTimeout, InvocationError
 from openedge_function.invocation import Invocation
 from openedge_function.pool import Pool
-from openedge_function.watch import Watcher
+from openedge_function.instances.fdwatch import FdWatcher as Watcher
+from openedge_function.instances.spawner import Spawner
+from openedge_function.isolation import Sandbox
 from tests.helpers import alive, wait_until, write_handler
 
 HANDLERS = '''
@@ -58,7 +60,7 @@ class Harness:
         self.function = Function(name=self.name, handler=handler, codedir=str(codedir),
                                  instance=Limits(**limits))
         self.plane = plane
-        self.pool = Pool(plane, self.function, str(rundir), watcher)
+        self.pool = Pool(plane, self.function, Spawner(Sandbox.make(str(rundir), self.function), watcher))
         plane.run(self.pool.start)   # as the daemon does: min instances at boot
         self.outcomes = {}
         self.finished = {}
@@ -204,7 +206,7 @@ def test_a_full_queue_pauses_intake_and_drops_only_what_may_be_dropped(harness):
     h = harness("handlers.sleepy", max=1)
     h.pool.queue_max = 2
     signals = []
-    h.plane.run(h.pool.watch, signals.append)
+    h.plane.run(h.pool.listen, signals.append)
     h.submit("busy", {"sleep": 0.5})
     wait_until(lambda: h.pool.stats()["queued"] == 0 and h.pool.stats()["instances"] == 1,
                message="the first call to start")

@@ -25,12 +25,12 @@ import threading
 import time
 from typing import Callable, Optional, Set, Tuple
 
-from .config import Function, Packages
-from .environment import base_environment
-from .errors import FunctionLoadError
-from .isolation import RunAs, current
+from ..config import Function, Packages
+from ..instances.environment import base_environment
+from ..errors import FunctionLoadError
+from ..isolation import RunAs, current
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("openedge_function.packages")
 
 REQUIREMENTS = "requirements.txt"
 _TAIL = 4000   # characters of pip's output kept for the error

@@ -15,8 +15,8 @@ from typing import List, Optional
 
 import yaml
 
-from .config import function_name, parse_config
-from .errors import ConfigError
+from ..config import function_name, parse_config
+from ..errors import ConfigError
 
 EXIT_USAGE = 2
 

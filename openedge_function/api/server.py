@@ -22,14 +22,14 @@ from urllib.parse import parse_qs, quote
 from runtime_python._pb import function_pb2 as pb
 from runtime_python.sdk import CHAIN_HEADER, DEADLINE_HEADER, REQUEST_ID_HEADER
 
-from .config import Function, Server
+from ..config import Function, Server
 from .calls import (Refused, chain_of, check_size, error_answer, event_answer, find, offer,
                     timed_out, wait_of)
-from .errors import InvocationError, error_of
-from .invocation import Invocation, new_request_id
-from .pool import Pool
+from ..errors import InvocationError
+from ..invocation import Invocation, failure, new_request_id
+from ..pool import Pool
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("openedge_function.api")
 
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                "trailers", "transfer-encoding", "upgrade"}
@@ -39,7 +39,6 @@ _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized
             431: "Request Header Fields Too Large", 508: "Loop Detected"}
 _CHAIN_KEY = "HTTP_" + CHAIN_HEADER.upper().replace("-", "_")         # as the WSGI environ has them
 _DEADLINE_KEY = "HTTP_" + DEADLINE_HEADER.upper().replace("-", "_")
-_ERROR = pb.InvokeResponse.ERROR
 
 
 class _Call:
@@ -165,10 +164,9 @@ class Api:
             outcome = self._run(pool, function, request_id, body, extra(), environ)
         except Refused as refused:
             return self._error(start_response, refused, request_id, name)
-        if isinstance(outcome, InvocationError):
-            return self._error(start_response, outcome, request_id, name)
-        if outcome.kind == _ERROR:
-            return self._error(start_response, error_of(outcome), request_id, name)
+        error = failure(outcome)
+        if error is not None:
+            return self._error(start_response, error, request_id, name)
         return answer(outcome, request_id)
 
     # -- shared ------------------------------------------------------------------------------------

@@ -19,14 +19,14 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import psutil
 
-from runtime_python.server import prctl
+from runtime_python.confine import prctl
 
-from .config import Function
+from ..config import Function
 from .environment import RUNTIME_ROOT, base_environment
-from .isolation import RunAs
+from ..isolation import RunAs
 from .lifecycle import describe_exit
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("openedge_function.template")
 
 _PR_SET_CHILD_SUBREAPER = 36
 _REPLY_TIMEOUT = 30.0

@@ -19,19 +19,17 @@ import threading
 import time
 from typing import List, Tuple
 
-from runtime_python._pb import function_pb2 as pb
-
-from .config import Defaults, Function, Packages, byte_size, default_package_cache, duration, load_config
-from .dataplane import DataPlane
-from .errors import ConfigError, InvocationError, Packet, build_envelope, error_of
-from .invocation import Invocation, new_request_id
-from .isolation import RunAs, RunDir, plan, run_as
-from .packages import PackageCache
-from .pool import Pool
-from .watch import Watcher
+from ..config import Defaults, Function, Packages, byte_size, default_package_cache, duration, load_config
+from ..dataplane import DataPlane
+from ..deploy.packages import PackageCache
+from ..errors import ConfigError, InvocationError, Packet, build_envelope
+from ..instances.fdwatch import FdWatcher
+from ..instances.spawner import Spawner
+from ..invocation import BYTES, NONE, Invocation, Outcome, failure, new_request_id
+from ..isolation import RunAs, RunDir, plan, run_as
+from ..pool import Pool
 
 EXIT_USAGE = 2
-_ERROR, _BYTES, _NONE = pb.InvokeResponse.ERROR, pb.InvokeResponse.BYTES, pb.InvokeResponse.NONE
 
 
 class UsageError(Exception):
@@ -126,17 +124,18 @@ def guess_handler(codedir: str) -> str:
 
 
 def run_once(function: Function, who: RunAs, packages: Packages, payload: bytes, topic: str,
-             qos: int) -> Tuple[object, str]:
+             qos: int) -> Tuple[Outcome, str]:
     """(outcome, request id): an InvokeResponse or an InvocationError."""
     request_id = new_request_id()
     try:
         paths = PackageCache(packages).install(function, who)
     except InvocationError as exc:
         return exc, request_id
-    plane, watcher, rundir = DataPlane(), Watcher(), RunDir()
+    plane, fdwatch, rundir = DataPlane(), FdWatcher(), RunDir()
     plane.start()
-    pool = Pool(plane, function, rundir.home(function, who), watcher)
-    pool.paths = (paths,) if paths else ()
+    spawner = Spawner(rundir.home(function, who), fdwatch)
+    spawner.paths = (paths,) if paths else ()
+    pool = Pool(plane, function, spawner)
     finished = threading.Event()
     result: List[object] = []
 
@@ -155,24 +154,22 @@ def run_once(function: Function, who: RunAs, packages: Packages, payload: bytes,
         pool.join(10.0)
     finally:
         plane.stop()
-        watcher.close()
+        fdwatch.close()
         rundir.close()
     return result[0], request_id
 
 
-def _print(outcome: object, function: Function, request_id: str, packet: Packet) -> int:
-    if not isinstance(outcome, InvocationError) and outcome.kind == _ERROR:   # type: ignore[attr-defined]
-        outcome = error_of(outcome)
-    if isinstance(outcome, InvocationError):
-        envelope = build_envelope(outcome, request_id, function.name, packet)
+def _print(outcome: Outcome, function: Function, request_id: str, packet: Packet) -> int:
+    error = failure(outcome)
+    if error is not None:
+        envelope = build_envelope(error, request_id, function.name, packet)
         print(json.dumps(json.loads(envelope), indent=2, ensure_ascii=False))
         return 1
-    kind, payload = outcome.kind, outcome.payload   # type: ignore[attr-defined]
-    if kind == _BYTES:
-        sys.stdout.buffer.write(payload)
+    if outcome.kind == BYTES:
+        sys.stdout.buffer.write(outcome.payload)
         sys.stdout.flush()
-    elif kind != _NONE:
-        print(payload.decode("utf-8"))
+    elif outcome.kind != NONE:
+        print(outcome.payload.decode("utf-8"))
     return 0
 
 

@@ -1,9 +1,9 @@
-"""One thread that watches every instance: status lines, output lines, and process exits.
+"""The fd watcher: one thread that reads every instance's status socket and output pipes.
 
 Each instance has a status socket (JSON lines from the runtime; end-of-file when it dies) and two
 output pipes (the handler's stdout and stderr, logged line by line). A selector over all of them
-notices a dead instance at once, not at its next call. The same thread runs the pools' periodic
-checks (invocation deadlines), so no invocation needs a timer of its own.
+notices a dead instance at once, not at its next call. Code watching (deploy/codewatch.py) adds
+its inotify descriptor here too, so it costs no thread of its own.
 """
 from __future__ import annotations
 
@@ -11,15 +11,14 @@ import logging
 import os
 import selectors
 import threading
-import time
 from typing import Callable, Dict, List, Tuple
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("openedge_function.watch")
 
 _MAX_LINE = 16384
 
 
-class Watcher:
+class FdWatcher:
     """Dispatches reads on registered file descriptors to callbacks, in one daemon thread."""
 
     def __init__(self) -> None:
@@ -30,22 +29,15 @@ class Watcher:
         os.set_blocking(self._wake_w, False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._pending: List[Tuple[int, Callable[[bytes], None]]] = []
-        self._unregister: List[int] = []
-        self._periodic: List[Tuple[float, Callable[[], None]]] = []
         self._running = True
         self._thread = threading.Thread(target=self._run, name="watcher", daemon=True)
         self._thread.start()
 
     def add(self, fd: int, on_data: Callable[[bytes], None]) -> None:
-        """Call `on_data(chunk)` for each read on `fd`, and `on_data(b"")` once at end-of-file."""
+        """Call `on_data(chunk)` for each read on `fd`, and `on_data(b"")` once at end-of-file,
+        after which `fd` is closed: it is the watcher's from now on."""
         with self._lock:
             self._pending.append((fd, on_data))
-        self._wake()
-
-    def every(self, interval: float, callback: Callable[[], None]) -> None:
-        """Call `callback()` about every `interval` seconds, from the watcher's thread."""
-        with self._lock:
-            self._periodic.append((interval, callback))
         self._wake()
 
     def close(self) -> None:
@@ -61,17 +53,14 @@ class Watcher:
 
     def _run(self) -> None:
         callbacks: Dict[int, Callable[[bytes], None]] = {}
-        due: Dict[int, float] = {}
         while self._running:
             with self._lock:
                 pending, self._pending = self._pending, []
-                periodic = list(self._periodic)
             for fd, on_data in pending:
                 os.set_blocking(fd, False)
                 self._selector.register(fd, selectors.EVENT_READ, None)
                 callbacks[fd] = on_data
-            timeout = min((interval for interval, _ in periodic), default=1.0)
-            for key, _ in self._selector.select(timeout=timeout):
+            for key, _ in self._selector.select(timeout=1.0):
                 fd = key.fd
                 if fd == self._wake_r:
                     try:
@@ -91,14 +80,6 @@ class Watcher:
                     del callbacks[fd]
                     os.close(fd)
                 self._call(callback, chunk)
-            now = time.monotonic()
-            for index, (interval, callback) in enumerate(periodic):
-                if now >= due.get(index, 0.0):
-                    due[index] = now + interval
-                    try:
-                        callback()
-                    except Exception:
-                        log.exception("watcher: periodic check failed")
 
     @staticmethod
     def _call(callback: Callable[[bytes], None], chunk: bytes) -> None:

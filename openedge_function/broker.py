@@ -33,7 +33,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from .config import PACKET_MAX, Hub
 from .dataplane import DataPlane
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("openedge_function.hub")
 
 OnMessage = Callable[[mqtt.MQTTMessage], None]
 Then = Callable[[Optional[ReasonCode]], None]   # a publish's end: None when the broker has it
@@ -54,12 +54,28 @@ class _ReasonOutsideTheSpec(ReasonCode):
         return self._NAMES.get(self.value, "Unknown error")
 
 
-class _Client(mqtt.Client):
-    """paho's client, lenient about one thing a broker does outside the spec: mosquitto answers
-    a PUBLISH over its message_size_limit with PUBACK 0x95 (Packet too large), a code MQTT 5
-    does not list for PUBACK. paho takes such a packet for malformed and drops the connection;
-    after the reconnect it sends the same PUBLISH again, meets the same answer, and the
-    publisher is stuck for ever. Here the publish is simply refused with that code."""
+class PahoClient(mqtt.Client):
+    """paho's client, and the one place that touches paho's private fields (checked against
+    paho-mqtt 2.2; a paho upgrade re-runs tests/test_limits.py, which covers each of them).
+
+    It is lenient about one thing a broker does outside the spec: mosquitto answers a PUBLISH
+    over its message_size_limit with PUBACK 0x95 (Packet too large), a code MQTT 5 does not list
+    for PUBACK. paho takes such a packet for malformed and drops the connection; after the
+    reconnect it sends the same PUBLISH again, meets the same answer, and the publisher is stuck
+    for ever. Here the publish is simply refused with that code. (MQTT 3.1.1's PUBACK has no
+    reason code: nothing changes there.)"""
+
+    def in_flight(self) -> int:
+        """QoS 1 publishes paho holds until the broker acknowledges them."""
+        return len(self._out_messages)
+
+    def largest_in_flight(self) -> int:
+        """The largest payload among them, in bytes."""
+        return max((len(m.payload) for m in list(self._out_messages.values())), default=0)
+
+    def close_socket(self) -> None:
+        """Close the connection now (paho closes on its own only when the broker answers)."""
+        self._sock_close()
 
     def _handle_pubackcomp(self, cmd: Any) -> Any:
         packet = self._in_packet["packet"]
@@ -88,12 +104,12 @@ class _Connection:
         self.connected = threading.Event()
         self.generation = 0        # bumped on every connect: acks belong to one connection
         if hub.protocol == 5:
-            client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                             protocol=mqtt.MQTTv5, manual_ack=manual_ack)
+            client = PahoClient(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                protocol=mqtt.MQTTv5, manual_ack=manual_ack)
         else:
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                 clean_session=clean_session, protocol=mqtt.MQTTv311,
-                                 manual_ack=manual_ack)
+            client = PahoClient(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                clean_session=clean_session, protocol=mqtt.MQTTv311,
+                                manual_ack=manual_ack)
         if hub.username is not None:
             client.username_pw_set(hub.username, hub.password)
         if hub.tls:
@@ -263,7 +279,7 @@ class _Connection:
             self._client.disconnect()
             self._flush()
         if self._sock is not None:
-            self._client._sock_close()   # paho closes on its own only when the broker answers
+            self._client.close_socket()
         self.connected.clear()
 
     def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
@@ -381,7 +397,7 @@ class Publisher(_Connection):
         if self._waiting and not self._acked and not self._stopped:
             self._unacked_connections += 1
             if self._unacked_connections == 3:
-                largest = max((len(m.payload) for m in client._out_messages.values()), default=0)
+                largest = self._client.largest_in_flight()
                 log.warning("publisher: the broker closed the connection 3 times in a row before it "
                             "acknowledged any publish, with a publish of %d bytes in flight: a broker "
                             "that limits packet sizes (mosquitto's max_packet_size) does this; set "
@@ -445,7 +461,7 @@ class Publisher(_Connection):
         if rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             self._backlog.append((topic, payload, qos, then, properties))
             log.warning("publisher: %d outcomes wait for the broker (hub.buffer.max): pausing intake",
-                        len(self._client._out_messages))
+                        self._client.in_flight())
             for intake in self._intakes:
                 intake.pause("publisher")
             return True
@@ -464,7 +480,7 @@ class Publisher(_Connection):
     def _drain_backlog(self) -> None:
         """Hand what waits to paho as the broker makes room; intake resumes once all is taken."""
         backlog = self._backlog
-        while backlog and len(self._client._out_messages) < self._hub.buffer_max:
+        while backlog and self._client.in_flight() < self._hub.buffer_max:
             topic, payload, qos, then, properties = entry = backlog.popleft()
             info = self._client.publish(topic, payload, qos, properties=properties)
             if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:

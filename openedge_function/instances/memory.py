@@ -15,7 +15,7 @@ import psutil
 from .instance import Instance
 from .lifecycle import State
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("openedge_function.limits")
 
 
 def enforce_memory(instances: Iterable[Instance], limit: int) -> None:

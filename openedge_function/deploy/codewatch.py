@@ -1,9 +1,9 @@
 """Watching functions' code directories, so that an edit takes effect without a signal or a restart.
 
 inotify, through inotify_simple (a thin ctypes wrapper, no thread of its own): its descriptor joins
-the watcher thread's selector, so watching costs nothing until a file changes. Where inotify is
-missing, or the user's inotify watches run out, a directory is polled instead: its files'
-modification times, once a second.
+the fd watcher's selector (instances/fdwatch.py), so watching costs nothing until a file changes.
+Where inotify is missing, or the user's inotify watches run out, a directory is polled instead:
+its files' modification times, once a second.
 
 Changes are debounced: a function is reported once its directory has been quiet for `QUIET`
 seconds (an editor's save, a `git pull`, an `rsync` of many files: one report), or after `LONGEST`
@@ -18,14 +18,14 @@ import threading
 import time
 from typing import Dict, List, Optional, Set, Tuple
 
-from .watch import Watcher
+from ..instances.fdwatch import FdWatcher
 
 try:
     import inotify_simple
 except ImportError:   # not Linux, or not installed: poll
     inotify_simple = None
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("openedge_function.codewatch")
 
 QUIET = 0.3          # seconds without a change before a function's change is reported
 LONGEST = 5.0        # seconds after a first change at most, while changes keep coming
@@ -64,7 +64,7 @@ def snapshot(root: str) -> Snapshot:
 class CodeWatch:
     """Reports, through `due()`, the functions whose code directory changed and then went quiet."""
 
-    def __init__(self, watcher: Optional[Watcher]) -> None:
+    def __init__(self, fdwatch: Optional[FdWatcher]) -> None:
         self._lock = threading.Lock()
         self._names: Dict[str, Set[str]] = {}        # code directory -> functions served from it
         self._changed: Dict[str, Tuple[float, float]] = {}   # directory -> (first, last) change
@@ -73,18 +73,19 @@ class CodeWatch:
         self._polled: Dict[str, Snapshot] = {}
         self._polled_at = 0.0
         self._inotify = None
-        if inotify_simple is not None and watcher is not None:
+        if inotify_simple is not None and fdwatch is not None:
             try:
                 self._inotify = inotify_simple.INotify(nonblocking=True)
             except OSError as exc:
                 log.warning("code directories are polled every %gs (no inotify: %s)", POLL_EVERY, exc)
             else:
-                watcher.add(os.dup(self._inotify.fileno()), self._on_events)
+                fdwatch.add(os.dup(self._inotify.fileno()), self._on_events)
         self.how = "inotify" if self._inotify is not None else f"polled every {POLL_EVERY:g}s"
 
     # -- which directories (the daemon's thread) -----------------------------------------------
 
-    def watch(self, name: str, codedir: str) -> None:
+    def follow(self, name: str, codedir: str) -> None:
+        """Report changes of `codedir` as changes of function `name`."""
         with self._lock:
             names = self._names.setdefault(codedir, set())
             fresh = not names
@@ -92,7 +93,7 @@ class CodeWatch:
         if fresh:
             self._cover(codedir)
 
-    def unwatch(self, name: str) -> None:
+    def unfollow(self, name: str) -> None:
         with self._lock:
             for codedir, names in list(self._names.items()):
                 names.discard(name)
@@ -104,7 +105,8 @@ class CodeWatch:
                         if owner == codedir:
                             self._forget(wd)
 
-    def watched(self) -> Dict[str, Set[str]]:
+    def followed(self) -> Dict[str, Set[str]]:
+        """{code directory: the functions served from it}."""
         with self._lock:
             return {codedir: set(names) for codedir, names in self._names.items()}
 
@@ -148,7 +150,7 @@ class CodeWatch:
             except OSError:
                 pass   # its directory is gone already
 
-    # -- events (the watcher's thread) ---------------------------------------------------------
+    # -- events (the fd watcher's thread) ---------------------------------------------------------
 
     def _on_events(self, chunk: bytes) -> None:
         if not chunk:

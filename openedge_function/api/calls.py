@@ -13,18 +13,15 @@ import logging
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from runtime_python._pb import function_pb2 as pb
 from runtime_python.sdk import CHAIN_HEADER, DEADLINE_HEADER, REQUEST_ID_HEADER
 
-from .config import Function
-from .dataplane import DataPlane
-from .errors import HTTP_STATUS, InvocationError, build_envelope, error_of
-from .invocation import Invocation, new_request_id
-from .pool import Pool
+from ..config import Function
+from ..dataplane import DataPlane
+from ..errors import HTTP_STATUS, InvocationError, build_envelope
+from ..invocation import NONE, Invocation, Outcome, content_type, failure, new_request_id
+from ..pool import Pool, Refusal
 
-log = logging.getLogger(__name__)
-
-_ERROR, _NONE, _JSON = pb.InvokeResponse.ERROR, pb.InvokeResponse.NONE, pb.InvokeResponse.JSON
+log = logging.getLogger("openedge_function.calls")
 
 
 class Refused(InvocationError):
@@ -73,14 +70,14 @@ def offer(pool: Pool, invocation: Invocation, chain: List[str]) -> None:
     """Queue the call on `pool`, or raise Refused saying why it cannot be."""
     function = pool.function
     refusal = pool.offer(invocation, callers=chain.count(function.name))
-    if refusal == "deadlock":
+    if refusal is Refusal.DEADLOCK:
         raise Refused("InvokeDeadlock", f"function {function.name!r} was called by "
                       f"{' -> '.join(chain)}, which hold all its {function.instance.max} instances "
                       "(instance.max) while they wait for this call: it could never run")
-    if refusal == "full":
+    if refusal is Refusal.FULL:
         raise Refused("QueueFull", f"function {function.name!r} has all {function.instance.max} "
                       f"instances busy and {pool.queue_max} calls queued")
-    if refusal == "closed":
+    if refusal is Refusal.CLOSED:
         raise Refused("Unavailable", f"function {function.name!r} is being replaced or stopped; retry")
 
 
@@ -95,15 +92,14 @@ def error_answer(error: InvocationError, request_id: str, name: str) -> Tuple[in
             build_envelope(error, request_id, name, None))
 
 
-def event_answer(outcome: Any, request_id: str, name: str) -> Tuple[int, str, bytes]:
+def event_answer(outcome: Outcome, request_id: str, name: str) -> Tuple[int, str, bytes]:
     """(status, content type, body) for an event function's outcome."""
-    if isinstance(outcome, InvocationError):
-        return error_answer(outcome, request_id, name)
-    if outcome.kind == _ERROR:
-        return error_answer(error_of(outcome), request_id, name)
-    if outcome.kind == _NONE:
+    error = failure(outcome)
+    if error is not None:
+        return error_answer(error, request_id, name)
+    if outcome.kind == NONE:
         return 204, "", b""
-    return 200, "application/json" if outcome.kind == _JSON else "application/octet-stream", outcome.payload
+    return 200, content_type(outcome), outcome.payload
 
 
 class Calls:

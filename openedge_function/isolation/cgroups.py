@@ -19,7 +19,7 @@ import signal
 import time
 from typing import Dict, List, Optional, Tuple
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("openedge_function.cgroups")
 
 OFF_ENV = "OPENEDGE_FUNCTION_CGROUPS"   # "off": use rlimits and polling even where groups work
 _PERIOD_US = 100_000

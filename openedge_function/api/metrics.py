@@ -15,9 +15,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
-    from .hub import Publisher
-    from .pool import Pool
-    from .rules import RuleRunner
+    from ..broker import Publisher
+    from ..pool import Pool
+    from ..rules import RuleRunner
 
 Pools = Callable[[], Mapping[str, "Pool"]]
 Rules = Callable[[], Iterable["RuleRunner"]]

@@ -1,0 +1,252 @@
+"""The configuration as the rest of the daemon sees it: typed, frozen dataclasses.
+
+Each setting is declared once, here: its key in application.yml (dotted for a nested one:
+`buffer.max` is `buffer: {max: ...}`), its default and its converter, as the field's `setting()`.
+The parser reads every class the same way from these declarations; what a section reads with
+code of its own (an address split into host and port, a field with two spellings) is declared
+with `setting(..., convert=None)`, so its key and default still live here alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Tuple
+
+from .converters import (PACKET_MAX, SESSION_NEVER_EXPIRES, above_zero, account, boolean, bounded_int,
+                         byte_size, cpu_list, duration, entry_point, function_name, log_level, memory_limit,
+                         nonempty_string, one_of, packet_size, positive_float, protocol, qos,
+                         session_expiry, string, topic_filter, topic_name)
+
+__all__ = [
+    "AppConfig", "Hub", "Rule", "Subscription", "Publication", "Function", "Limits", "Credentials",
+    "Service", "Defaults", "Packages", "LoggerConfig", "Server", "setting", "settings_of", "declaration",
+    "state_directory", "default_package_cache", "PACKET_MAX", "SESSION_NEVER_EXPIRES",
+]
+
+_NO_DEFAULT: Any = dataclasses.MISSING
+
+
+def setting(key: str, default: Any = _NO_DEFAULT, convert: Optional[Callable[[Any], Any]] = None,
+            repr: bool = True, factory: Any = _NO_DEFAULT) -> Any:
+    """A field read from `key` with `convert` (None: its section's own code reads it), `default`
+    (or a new `factory()`) when the key is absent; neither: the key is required."""
+    return field(default=default, default_factory=factory, repr=repr,
+                 metadata={"key": key, "convert": convert})
+
+
+def settings_of(cls: type) -> Iterator[dataclasses.Field]:
+    """The fields of `cls` that are read from the file, in declaration order."""
+    return (f for f in dataclasses.fields(cls) if "key" in f.metadata)
+
+
+def declaration(cls: type, name: str) -> dataclasses.Field:
+    """The setting `name` of `cls`: its key and converter in `metadata`, its default."""
+    return next(f for f in settings_of(cls) if f.name == name)
+
+
+@dataclass(frozen=True)
+class Hub:
+    """The MQTT broker the daemon connects to (`hub:`)."""
+    # Keys of OpenEdge's MQTT client that this daemon has no use for.
+    IGNORED: ClassVar[Tuple[str, ...]] = ("buffersize", "validatesubs", "subscriptions", "name")
+
+    address: str = setting("address", "tcp://127.0.0.1:1883", nonempty_string)
+    host: str = "127.0.0.1"         # from the address
+    port: int = 1883
+    tls: bool = False
+    clientid: str = setting("clientid", "openedge-function", nonempty_string)
+    username: Optional[str] = setting("username", None, string)
+    password: Optional[str] = setting("password", None, string, repr=False)
+    ca: Optional[str] = setting("ca", None)       # absolute paths of files that exist
+    cert: Optional[str] = setting("cert", None)
+    key: Optional[str] = setting("key", None)
+    insecure_skip_verify: bool = setting("insecureSkipVerify", False, boolean)
+    clean_session: bool = setting("cleansession", False, boolean)
+    keepalive: float = setting("keepalive", 60.0, duration)
+    connect_timeout: float = setting("timeout", 30.0, duration)
+    reconnect_max: float = setting("interval", 60.0, duration)
+    protocol: int = setting("protocol", 4, protocol)      # 4: MQTT 3.1.1, 5: MQTT 5
+    session_expiry: int = setting("sessionexpiry", SESSION_NEVER_EXPIRES, session_expiry)  # s, MQTT 5
+    buffer_max: int = setting("buffer.max", 1000, bounded_int(1, None))   # QoS 1 outcomes held while
+    #   the broker is away
+    maxsize: int = setting("maxsize", PACKET_MAX, packet_size)   # the largest PUBLISH the broker takes
+
+
+@dataclass(frozen=True)
+class Subscription:
+    topic: str = setting("topic", convert=topic_filter)
+    qos: int = setting("qos", 0, qos)
+
+
+@dataclass(frozen=True)
+class Publication:
+    topic: str = setting("topic", convert=topic_name)
+    qos: int = setting("qos", 0, qos)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Messages of `subscribe` go to `function`; outcomes go to `publish` (errors to `error`)."""
+    # Baetyl's spelling of compute: {function: NAME}, read with it.
+    OTHER_KEYS: ClassVar[Tuple[str, ...]] = ("function",)
+
+    index: int                      # its place in `rules:`
+    subscribe: Subscription = setting("subscribe")
+    function: str = setting("compute")   # compute: {function: NAME}, or function: {name: NAME}
+    id: Optional[str] = setting("id", None, nonempty_string)
+    publish: Optional[Publication] = setting("publish", None)
+    error: Optional[Publication] = setting("error", None)
+    clientid: Optional[str] = setting("clientid", None, nonempty_string)
+    # re-runs after InstanceCrashed (never after an exception or a timeout)
+    retry_max: int = setting("retry.max", 0, bounded_int(0, 10))
+    ordered: bool = setting("ordered", False, boolean)   # one topic's messages one after the other
+    # What a full queue does to QoS 0 messages: pause intake as for QoS 1 (the broker buffers or
+    # drops under its own limits), or drop them here (freshness over completeness).
+    overflow: str = setting("overflow", "pause", one_of("pause", "drop"))
+
+    @property
+    def name(self) -> str:
+        return self.id or f"rules[{self.index}]"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How a function's instances are pooled and limited (`instance:`). Times in seconds, sizes
+    in bytes."""
+    min: int = setting("min", 0, bounded_int(0, 100))
+    max: int = setting("max", 1, bounded_int(1, 100))
+    idletime: float = setting("idletime", 600.0, duration)
+    timeout: float = setting("timeout", 30.0, above_zero(duration))
+    # RSS limit, 0 = unlimited; also OpenEdge's memory: {limit: 128m, swap: ...}
+    memory: int = setting("memory", 0, memory_limit)
+    message_max: int = setting("message.length.max", 4 << 20, above_zero(byte_size))
+    cpus: Tuple[int, ...] = setting("cpu.setcpus", (), cpu_list)   # CPU affinity, empty = any
+    cpu_share: float = setting("cpu.cpus", 0.0, positive_float)     # a CPU quota where cgroups allow
+    # processes and threads a handler may add; also OpenEdge's pids: {limit: 10}
+    pids: int = setting("pids", 64, bounded_int(1, 1 << 22))
+    files: int = setting("files", 1024, bounded_int(64, 1 << 20))  # open files of one process
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Handed to handlers as context.credentials (and FunctionGraph's getAccessKey() & co.)."""
+    access_key_id: str = setting("access_key_id", "", string)
+    access_key_secret: str = setting("access_key_secret", "", string, repr=False)
+    security_token: str = setting("security_token", "", string, repr=False)
+    token: str = setting("token", "", string, repr=False)
+
+
+@dataclass(frozen=True)
+class Service:
+    """context.service, as Function Compute describes it."""
+    name: str = setting("name", "", string)    # the function's name when not set
+    log_project: str = setting("log_project", "", string)
+    log_store: str = setting("log_store", "", string)
+    qualifier: str = setting("qualifier", "LATEST", string)
+    version_id: str = setting("version_id", "", string)
+
+
+@dataclass(frozen=True)
+class Function:
+    IGNORED: ClassVar[Tuple[str, ...]] = ("id", "entry")
+
+    name: str = setting("name", convert=function_name)
+    handler: str = setting("handler", convert=entry_point)
+    codedir: str = setting("codedir", ".")   # absolute once parsed
+    # module.fn, or {handler: module.fn, timeout: 10s} (the timeout's default: instance.timeout)
+    initializer: Optional[str] = setting("initializer", None)
+    initializer_timeout: Optional[float] = None
+    runtime: str = setting("runtime", "python3")
+    python: Optional[str] = setting("python", None, nonempty_string)   # default: the daemon's
+    env: Mapping[str, str] = setting("env", factory=dict)
+    instance: Limits = setting("instance", Limits())
+    event: str = setting("event", "openedge", one_of("openedge", "raw"))  # raw: always bytes
+    type: str = setting("type", "event", one_of("event", "http"))   # http: a WSGI application
+    log_max: int = setting("log.max", 4096, byte_size)   # handler output kept per invocation
+    version: str = setting("version", "LATEST", string)
+    alias: str = setting("alias", "", string)
+    package: str = setting("package", "default", string)
+    region: str = setting("region", "local", string)
+    account_id: str = setting("account_id", "", string)
+    credentials: Credentials = setting("credentials", Credentials())
+    service: Service = setting("service", Service())
+    user: Optional[str] = setting("user", None, account("user"))      # default: defaults.user
+    group: Optional[str] = setting("group", None, account("group"))   # default: defaults.group,
+    #   else the user's own group
+    watch_code: bool = setting("watch", True, boolean)   # an edit of the code directory takes effect
+
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What applies to every function that does not say otherwise (`defaults:`)."""
+    user: Optional[str] = setting("user", None, account("user"))
+    group: Optional[str] = setting("group", None, account("group"))
+
+
+@dataclass(frozen=True)
+class Packages:
+    """How functions' requirements.txt are installed (`packages:`)."""
+    # absolute; default: $STATE_DIRECTORY or the workdir, + .openedge-function/packages
+    cache: str = setting("cache", "")
+    find_links: Tuple[str, ...] = setting("findlinks", ())   # wheel directories or pages
+    index: Optional[str] = setting("index", None)   # pip --index-url; "" for none (false)
+    timeout: float = setting("timeout", 600.0, above_zero(duration))   # one install's longest run
+
+
+@dataclass(frozen=True)
+class LoggerConfig:
+    """The daemon's log (`logger:`)."""
+    IGNORED: ClassVar[Tuple[str, ...]] = ("age.max",)   # rotation is by size here
+
+    path: Optional[str] = setting("path", None, nonempty_string)   # absolute once parsed
+    level: str = setting("level", "info", log_level)
+    format: str = setting("format", "text", one_of("text", "json"))
+    console: bool = setting("console", True)   # default: when there is no path
+    size_max_mb: int = setting("size.max", 50, bounded_int(1, None))
+    backup_max: int = setting("backup.max", 15, bounded_int(0, None))
+    summary: bool = setting("summary", True, boolean)   # one execution-summary line per invocation
+
+
+@dataclass(frozen=True)
+class Server:
+    """The HTTP server: invoke API, HTTP functions, /metrics, /healthz (`server:`)."""
+    host: str = setting("address", convert=nonempty_string)   # address: host:port, required
+    port: int
+    token: str = setting("token", "", string)   # required as a bearer token on every request when set
+    threads: int = setting("threads", 16, bounded_int(1, 256))   # requests served at once
+    body_max: int = setting("body.max", 4 << 20, byte_size)   # largest request body read
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    file: str
+    hub: Hub
+    rules: Tuple[Rule, ...]
+    functions: Tuple[Function, ...]
+    logger: LoggerConfig
+    server: Optional[Server] = None
+    defaults: Defaults = field(default_factory=Defaults)
+    packages: Packages = field(default_factory=Packages)
+
+    def function(self, name: str) -> Function:
+        for fn in self.functions:
+            if fn.name == name:
+                return fn
+        raise KeyError(name)
+
+
+def state_directory(workdir: str) -> str:
+    """Where the daemon keeps what outlives it: $STATE_DIRECTORY (systemd's StateDirectory=), else
+    the working directory."""
+    return os.environ.get("STATE_DIRECTORY") or workdir
+
+
+def default_package_cache(workdir: str) -> str:
+    return os.path.join(state_directory(workdir), ".openedge-function", "packages")

@@ -1,0 +1,36 @@
+"""What the supervisor and the runtime must agree on, beyond function.proto. Depends on nothing:
+the supervisor imports this module, never the runtime's server.
+
+The status socket carries JSON lines, each an object whose one key says what it is: the
+supervisor sends SPEC first; the runtime answers LOADED (the handler imported), READY (the
+initializer ran, the server accepts calls) or LOAD_ERROR (then exits with EXIT_LOAD_ERROR).
+After that, CALL goes out (context.invoke) and REPLY comes back. The template's control socket
+answers a fork request with PID or ERROR, after a TEMPLATE_READY greeting.
+"""
+
+# gRPC metadata: the instance's key, which the supervisor alone holds.
+KEY_HEADER = "x-openedge-key"
+
+# The runtime's exit status when the handler or initializer cannot be loaded.
+EXIT_LOAD_ERROR = 4
+
+# Status socket messages.
+SPEC = "spec"
+LOADED = "loaded"
+READY = "ready"
+LOAD_ERROR = "load_error"
+CALL = "call"
+REPLY = "reply"
+
+# The template's control socket.
+TEMPLATE_READY = "ready"
+PID = "pid"
+ERROR = "error"
+
+# A handler's output line, as the runtime writes it: MARK request-id SEPARATOR text.
+MARK, SEPARATOR = "\x1e", "\x1f"
+
+
+def truncation_marker(limit: int) -> str:
+    """The line that replaces what an invocation prints past `limit` bytes."""
+    return f"[output truncated: over {limit} bytes in this invocation]"
