@@ -8,6 +8,7 @@ runs elsewhere: `blocking()` hands it to a small thread pool, and the daemon's o
 polls memory.
 
 Other threads reach the loop through `call()` (fire and forget) and `run()` (wait for the result).
+Depends on nothing else in the daemon.
 """
 from __future__ import annotations
 

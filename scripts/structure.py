@@ -4,7 +4,8 @@ A room is a module at the top of `openedge_function/` (the message path) or a fo
 system); the runtime is a room of its own but for what both sides must agree on: its generated
 stubs (`runtime_python._pb`, from protos/function.proto) and `runtime_python.wire`. Every import counts: at the top of a module, inside a
 function, under TYPE_CHECKING. A room's floor is one above the highest floor of the rooms it
-imports, so a structure without circles has no import that runs back up.
+imports, so a structure without circles has no import that runs back up (the members of a circle
+are drawn as one node).
 
     python scripts/structure.py             floors, and what each room imports
     python scripts/structure.py --modules   the same for single modules
@@ -138,19 +139,27 @@ def floors(edges: Dict[str, Set[str]]) -> Dict[str, int]:
     return floor
 
 
+def condensed(edges: Dict[str, Set[str]]) -> Dict[str, Set[str]]:
+    """`edges` with each circle merged into one node (`a + b`), so that floors can be drawn."""
+    merged = {member: " + ".join(c) for c in circles(edges) for member in c}
+    out: Dict[str, Set[str]] = {}
+    for node, targets in edges.items():
+        source = merged.get(node, node)
+        out.setdefault(source, set()).update(merged.get(t, t) for t in targets)
+        out[source].discard(source)
+    return out
+
+
 def draw(by_room: bool = True) -> str:
     edges = graph(by_room)
     found = circles(edges)
-    if found:
-        return "circles:\n" + "\n".join("  " + " <-> ".join(c) for c in found)
+    out = ["circles: " + ("; ".join(" <-> ".join(c) for c in found) if found else "none")]
+    edges = condensed(edges)
     levels = floors(edges)
-    lines: List[Tuple[int, str]] = []
-    for node, level in levels.items():
-        lines.append((level, f"  {node:32} {', '.join(sorted(edges.get(node, ()))) or '-'}"))
-    out = []
-    for level in sorted({level for level, _ in lines}, reverse=True):
+    for level in sorted(set(levels.values()), reverse=True):
         out.append(f"floor {level}")
-        out.extend(text for lev, text in sorted(lines) if lev == level)
+        out.extend(f"  {node:32} {', '.join(sorted(edges.get(node, ()))) or '-'}"
+                   for node in sorted(n for n, lev in levels.items() if lev == level))
     return "\n".join(out)
 
 
