@@ -8,8 +8,11 @@ import os
 import sys
 from typing import List, Optional
 
+import yaml
+
 from . import __version__
 from .config import load_config
+from .config.layout import DEFAULT_HELP, default_config, default_workdir
 from .daemon import Daemon
 from .errors import ConfigError, ServerError
 from .isolation import plan
@@ -29,24 +32,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv and argv[0] == "new":
         from .commands.new import main as new_main
         return new_main(argv[1:])
+    if argv and argv[0] == "show":
+        from .commands.show import main as show_main
+        return show_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="openedge-function",
-        usage="%(prog)s [-c CONFIG] [-w DIR] [--check]\n       %(prog)s {run,new,invoke,status} ...",
+        usage="%(prog)s [-c CONFIG] [-w DIR] [--check]\n       %(prog)s {run,new,invoke,status,show} ...",
         description="Edge function compute: MQTT rules feed Python handlers in pooled instances. "
                     "Without a command, runs the daemon on CONFIG.",
         epilog="commands (each has --help):\n"
                "  run DIR [EVENT|-]     run a function on one event in a real instance, no broker needed\n"
                "  new NAME              write a function folder and add it, with a rule, to the config\n"
                "  invoke NAME [EVENT]   run a function in the running daemon (its HTTP server)\n"
-               "  status                the running daemon's functions, instances and counters",
+               "  status                the running daemon's functions, instances and counters\n"
+               "  show unit|config      the systemd unit for this installation, an example configuration",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", default="etc/openedge/application.yml",
-                        help="the configuration file (default: %(default)s)")
+    parser.add_argument("-c", "--config", default=None,
+                        help=f"the configuration file (default: {DEFAULT_HELP}; here: {default_config()})")
     parser.add_argument("-w", "--workdir", default=None,
-                        help="where relative paths in the configuration start (default: the current directory)")
+                        help="where relative paths in the configuration start (default: the state "
+                             "directory for the service's configuration, else the current directory)")
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
+    args.config = args.config or default_config()
+    args.workdir = default_workdir(args.config, args.workdir)
     try:
         config = load_config(args.config, args.workdir)
         plan(config)   # who each function runs as: a user this daemon cannot switch to is an error
@@ -61,7 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.umask(0o077)
     setup_logging(config.logger)
     try:
-        return Daemon(config, args.workdir or os.getcwd()).run()
+        return Daemon(config, args.workdir).run()
     except ServerError as exc:
         print(f"openedge-function: {exc}", file=sys.stderr)
         return 1
@@ -78,10 +88,18 @@ def client_main(argv: List[str]) -> int:
     status = commands.add_parser("status", help="print functions, instances and counters")
     for command in (invoke, status):
         command.add_argument("--address", default=None,
-                             help=f"host:port of the daemon's server (default: ${ADDRESS_ENV} or {DEFAULT_ADDRESS})")
-        command.add_argument("--token", default=None, help=f"bearer token (default: ${TOKEN_ENV})")
+                             help=f"host:port of the daemon's server (default: ${ADDRESS_ENV}, else the "
+                                  f"configuration's server.address, else {DEFAULT_ADDRESS})")
+        command.add_argument("--token", default=None,
+                             help=f"bearer token (default: ${TOKEN_ENV}, else the configuration's server.token)")
+        command.add_argument("-c", "--config", default=None,
+                             help=f"the daemon's configuration, for its server (default: {DEFAULT_HELP})")
     args = parser.parse_args(argv)
-    client = Client(address=args.address, token=args.token)
+    address, token = args.address, args.token
+    if address is None and not os.environ.get(ADDRESS_ENV):
+        address, configured_token = _server_of(args.config or default_config())
+        token = token if token is not None or os.environ.get(TOKEN_ENV) else configured_token
+    client = Client(address=address, token=token)
     if args.command == "status":
         return _status(client)
     raw = sys.stdin.buffer.read() if args.event == "-" else (
@@ -106,6 +124,25 @@ def client_main(argv: List[str]) -> int:
     elif result is not None:
         print(json.dumps(result, ensure_ascii=False))
     return 0
+
+
+def _server_of(path: str) -> "tuple[Optional[str], Optional[str]]":
+    """The address and token of the server a configuration file sets up, as a client on this
+    machine reaches it; (None, None) when it has none or cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            data = yaml.safe_load(fh)
+        server = data.get("server") if isinstance(data, dict) else None
+        address = str(server["address"]) if isinstance(server, dict) and server.get("address") else None
+    except (OSError, yaml.YAMLError):
+        return None, None
+    if address is None:
+        return None, None
+    host, _, port = address.split("://")[-1].rstrip("/").rpartition(":")
+    if host.strip("[]") in ("", "0.0.0.0", "::"):   # listening everywhere: reached on loopback
+        host = "127.0.0.1"
+    token = server.get("token")
+    return f"{host}:{port}", str(token) if token else None
 
 
 def _status(client: Client) -> int:

@@ -390,3 +390,64 @@ def test_reload_counts_added_functions(broker, daemon_factory):
     wait_until(lambda: "configuration reloaded" in daemon.log(), 20)
     assert "functions: 1 added, 0 replaced, 0 removed" in daemon.log()
 
+
+
+# -- one layout -----------------------------------------------------------------------------------
+
+def test_every_command_takes_the_same_default_configuration(tmp_path):
+    """$OPENEDGE_FUNCTION_CONFIG (else /etc/openedge-function/application.yml, else application.yml
+    here) is what the daemon, new, run, status and invoke read; --help says so."""
+    os.chmod(tmp_path, 0o755)
+    config = tmp_path / "gateway" / "application.yml"
+    config.parent.mkdir()
+    env = {**os.environ, "OPENEDGE_FUNCTION_CONFIG": str(config)}
+    for command in ([], ["new"], ["run"]):
+        helped = subprocess.run(CLI + command + ["--help"], capture_output=True, text=True, env=env, timeout=60)
+        text = "".join(helped.stdout.split())   # argparse wraps lines, at hyphens too
+        assert "/etc/openedge-function/application.yml" in text, helped.stdout
+        assert f"here:{config}" in text, helped.stdout
+    work = tmp_path / "state"
+    work.mkdir()
+    made = subprocess.run(CLI + ["new", "hello", "-w", str(work)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert (work / "functions" / "hello" / "hello.py").exists()
+    assert "codedir: functions/hello\n" in config.read_text()   # resolves against the workdir
+    for path in (work, work / "functions", work / "functions" / "hello"):
+        os.chmod(path, 0o755)
+    check = subprocess.run(CLI + ["--check", "-w", str(work)], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0 and "1 functions, 1 rules" in check.stdout, check.stderr
+    ran = subprocess.run(CLI + ["run", "hello", '{"name": "edge"}', "-w", str(work)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout)["hello"] == "edge"
+
+
+def test_status_and_invoke_find_the_server_in_the_configuration(tmp_path, broker, daemon_factory):
+    port = free_port()
+    write_handler(str(tmp_path / "fn"), "h.py", "def handler(event, context):\n    return {'got': event}\n")
+    daemon = daemon_factory(rules=[], functions=[function("f", "h.handler", str(tmp_path / "fn"))],
+                            server={"address": f"127.0.0.1:{port}", "token": "s3cret"})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENEDGE_FUNCTION_")}
+    env["OPENEDGE_FUNCTION_CONFIG"] = daemon.config_path
+    wait_until(lambda: subprocess.run(CLI + ["status"], env=env, capture_output=True, timeout=60).returncode == 0,
+               timeout=30)
+    status = subprocess.run(CLI + ["status"], env=env, capture_output=True, text=True, timeout=60)
+    assert "healthy" in status.stdout and "f (event)" in status.stdout, status.stdout + status.stderr
+    invoked = subprocess.run(CLI + ["invoke", "f", '{"a": 1}'], env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert invoked.returncode == 0 and json.loads(invoked.stdout) == {"got": {"a": 1}}, invoked.stderr
+    wrong = subprocess.run(CLI + ["status", "--token", "nope"], env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert wrong.returncode == 1 and "Unauthorized" in wrong.stderr + wrong.stdout
+
+
+def test_a_server_listening_everywhere_is_reached_on_loopback(tmp_path):
+    from openedge_function.cli import _server_of
+    config = tmp_path / "application.yml"
+    config.write_text("server: {address: '0.0.0.0:8123', token: t}\n")
+    assert _server_of(str(config)) == ("127.0.0.1:8123", "t")
+    config.write_text("server: {address: 'http://[::]:8124/'}\n")
+    assert _server_of(str(config)) == ("127.0.0.1:8124", None)
+    assert _server_of(str(tmp_path / "missing.yml")) == (None, None)

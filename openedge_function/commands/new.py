@@ -1,8 +1,10 @@
 """`openedge-function new NAME`: a working function folder, and its function and rule in the config.
 
-The handler goes to `functions/NAME/NAME.py` (under the working directory, as the configuration's
-relative paths do). The configuration gets the function and a rule (`NAME/in` → `NAME/out`, QoS 1)
-added as text, so its comments and layout stay; a file that does not exist yet is written whole.
+The handler goes to `functions/NAME/NAME.py` in the working directory the daemon will use for the
+configuration (config/layout.py: the state directory for the service's, else the current
+directory), and the configuration gets a `codedir` that resolves there. The function and a rule
+(`NAME/in` → `NAME/out`, QoS 1) are added as text, so the file's comments and layout stay; a file
+that does not exist yet is written whole.
 The result must load (`load_config`), else nothing is changed and the entries are printed instead.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import List, Optional
 import yaml
 
 from ..config import function_name, parse_config
+from ..config.layout import DEFAULT_HELP, FUNCTIONS, default_config, default_workdir, is_system
 from ..errors import ConfigError
 
 EXIT_USAGE = 2
@@ -42,27 +45,37 @@ def main(argv: List[str]) -> int:
         description="Write a working function folder and add the function and a rule for it to the "
                     "configuration.")
     parser.add_argument("name", help="the function's name ([a-zA-Z0-9_-])")
-    parser.add_argument("-c", "--config", default="application.yml",
-                        help="the configuration to add it to, made when missing (default: %(default)s)")
-    parser.add_argument("--dir", default=None, help="the code directory (default: functions/NAME)")
+    parser.add_argument("-c", "--config", default=None,
+                        help=f"the configuration to add it to, made when missing (default: {DEFAULT_HELP}; "
+                             f"here: {default_config()})")
+    parser.add_argument("-w", "--workdir", default=None,
+                        help="where the configuration's relative paths start (default: the state "
+                             "directory for the service's configuration, else the current directory)")
+    parser.add_argument("--dir", default=None,
+                        help=f"the code directory (default: {FUNCTIONS}/NAME in the working directory)")
     args = parser.parse_args(argv)
     try:
         name = function_name(args.name)
     except ValueError as exc:
         print(f"openedge-function new: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    codedir = args.dir or os.path.join("functions", name)
-    source = os.path.join(codedir, f"{name}.py")
+    config = args.config or default_config()
+    workdir = default_workdir(config, args.workdir)
+    where = os.path.abspath(args.dir) if args.dir else os.path.join(workdir, FUNCTIONS, name)
+    # As the daemon will read it: relative to its working directory when the code is under it.
+    codedir = os.path.relpath(where, workdir) if _under(where, workdir) else where
+    shown = os.path.relpath(where) if _under(where, os.getcwd()) else where   # as the user types it
+    source = os.path.join(where, f"{name}.py")
     if os.path.exists(source):
         print(f"openedge-function new: {source} exists already", file=sys.stderr)
         return EXIT_USAGE
-    text = _read(args.config)
+    text = _read(config)
     if text is not None and name in _functions(text):
-        print(f"openedge-function new: {args.config} has a function {name!r} already", file=sys.stderr)
+        print(f"openedge-function new: {config} has a function {name!r} already", file=sys.stderr)
         return EXIT_USAGE
-    os.makedirs(codedir, exist_ok=True)
+    os.makedirs(where, exist_ok=True)
     with open(source, "w") as fh:
-        fh.write(HANDLER.format(name=name, codedir=codedir))
+        fh.write(HANDLER.format(name=name, codedir=shown))
     function = (f"- name: {name}\n  handler: {name}.handler\n  codedir: {codedir}\n"
                 f"  instance:\n    max: 2\n")
     rule = (f"- id: rule-{name}\n  subscribe:\n    topic: {name}/in\n    qos: 1\n"
@@ -72,19 +85,25 @@ def main(argv: List[str]) -> int:
                 + "functions:\n" + _indent(function, "  "))
     else:
         text = add_entry(add_entry(text, "functions", function), "rules", rule)
-    problem = _check(text, args.config)
+    problem = _check(text, config, workdir)
     if problem is not None:
-        print(f"wrote {source}; add these to {args.config} yourself ({problem}):\n"
+        print(f"wrote {source}; add these to {config} yourself ({problem}):\n"
               f"functions:\n{_indent(function, '  ')}rules:\n{_indent(rule, '  ')}", file=sys.stderr)
         return 1
-    with open(args.config, "w") as fh:
+    with open(config, "w") as fh:
         fh.write(text)
+    serve = ("systemctl reload openedge-function   (the service reads it again)" if is_system(config)
+             else f"openedge-function -c {config}   (a running daemon: kill -HUP its pid)")
     print(f"wrote {source}, and function {name} with rule rule-{name} ({name}/in -> {name}/out) "
-          f"in {args.config}\n"
-          f"  try it:      openedge-function run {codedir} '{{\"name\": \"edge\"}}'\n"
-          f"  serve it:    openedge-function -c {args.config}   (a running daemon: kill -HUP its pid)\n"
+          f"in {config}\n"
+          f"  try it:      openedge-function run {shown} '{{\"name\": \"edge\"}}'\n"
+          f"  serve it:    {serve}\n"
           f"  send to it:  mosquitto_pub -t {name}/in -q 1 -m '{{\"name\": \"edge\"}}'")
     return 0
+
+
+def _under(path: str, directory: str) -> bool:
+    return os.path.commonpath([os.path.abspath(path), os.path.abspath(directory)]) == os.path.abspath(directory)
 
 
 def _read(path: str) -> Optional[str]:
@@ -131,10 +150,10 @@ def add_entry(text: str, key: str, entry: str) -> str:
     return "".join(lines[:end]) + _indent(entry, prefix) + "".join(lines[end:])
 
 
-def _check(text: str, config: str) -> Optional[str]:
-    """None when `text` is a valid configuration (relative paths from here), else why not."""
+def _check(text: str, config: str, workdir: str) -> Optional[str]:
+    """None when `text` is a valid configuration (relative paths from `workdir`), else why not."""
     try:
-        parse_config(yaml.safe_load(text), config, os.getcwd())
+        parse_config(yaml.safe_load(text), config, workdir)
     except (ConfigError, yaml.YAMLError) as exc:
         return str(exc)
     return None

@@ -20,6 +20,7 @@ import time
 from typing import List, Tuple
 
 from ..config import Defaults, Function, Packages, byte_size, default_package_cache, duration, load_config
+from ..config.layout import DEFAULT_HELP, default_config, default_workdir
 from ..dataplane import DataPlane
 from ..deploy.packages import PackageCache
 from ..errors import ConfigError, InvocationError, Packet, build_envelope
@@ -42,12 +43,16 @@ def main(argv: List[str]) -> int:
         description="Run a function on one event in a real instance, with no broker and no daemon; "
                     "print its result, or its error envelope (exit status 1).")
     parser.add_argument("target", metavar="DIR|FUNCTION",
-                        help="a code directory, or a function of the configuration given with -c")
+                        help="a code directory, or a function of the configuration (-c)")
     parser.add_argument("event", nargs="?", default=None,
                         help="the event, as a message's payload: JSON, else bytes; '-' reads standard "
                              "input (default: an empty payload, which handlers get as {})")
-    parser.add_argument("-c", "--config", help="take the function's settings from this configuration")
-    parser.add_argument("-w", "--workdir", default=None, help="where the configuration's relative paths start")
+    parser.add_argument("-c", "--config",
+                        help="take the function's settings from this configuration (default for a "
+                             f"FUNCTION that is not a directory: {DEFAULT_HELP}; here: {default_config()})")
+    parser.add_argument("-w", "--workdir", default=None,
+                        help="where the configuration's relative paths start (default: the state "
+                             "directory for the service's configuration, else the current directory)")
     parser.add_argument("--handler", help="module.function (default: the one handler the directory defines)")
     parser.add_argument("--initializer", help="module.function run once before the event")
     parser.add_argument("--timeout", default=None, help="e.g. 3s (default: the function's, else 30s)")
@@ -72,18 +77,21 @@ def main(argv: List[str]) -> int:
 
 def _function(args: argparse.Namespace) -> Tuple[Function, RunAs, Packages]:
     """The function to run: from the configuration, else made from the directory and options."""
-    workdir = os.path.abspath(args.workdir or os.getcwd())
+    path = args.config
+    if path is None and not os.path.isdir(args.target) and os.path.exists(default_config()):
+        path = default_config()   # a function by name, of the configuration the daemon would run
+    workdir = default_workdir(path, args.workdir) if path else os.path.abspath(args.workdir or os.getcwd())
     function = None
     packages = Packages(cache=default_package_cache(workdir))
     users = {}
-    if args.config:
-        config = load_config(args.config, workdir)
+    if path:
+        config = load_config(path, workdir)
         users = plan(config)
         packages = config.packages
-        target = os.path.normpath(os.path.join(workdir, args.target))
-        function = next((f for f in config.functions if f.name == args.target or f.codedir == target), None)
-        if function is None and not os.path.isdir(target):
-            raise UsageError(f"{args.target!r} is neither a function of {args.config} nor a directory")
+        targets = {os.path.abspath(args.target), os.path.normpath(os.path.join(workdir, args.target))}
+        function = next((f for f in config.functions if f.name == args.target or f.codedir in targets), None)
+        if function is None and not os.path.isdir(args.target):
+            raise UsageError(f"{args.target!r} is neither a function of {path} nor a directory")
     if function is None:
         codedir = os.path.abspath(args.target)
         if not os.path.isdir(codedir):
