@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= example/etc/application.yml
 PYTEST_ARGS ?=
 
-.PHONY: install proto broker run test check bench soak clean
+.PHONY: install proto broker run test test-vm check bench soak wheel deb clean
 
 install: $(VENV)/.installed
 
@@ -33,9 +33,26 @@ run: install broker
 check: install
 	$(VENV)/bin/openedge-function --check -c $(CONFIG)
 
+# Everything, the gateway in a VM included where the machine can run it (tests/test_vm.py says
+# why not, otherwise).
 test: install
 	@bash scripts/ensure-broker.sh --binary-only
+	@bash tests/vm/ensure-tools.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The gateway in a VM alone: the package installed in a Debian 12 guest, run by systemd.
+test-vm: install
+	@bash tests/vm/ensure-tools.sh
+	$(PY) -m pytest tests/test_vm.py -v $(PYTEST_ARGS)
+
+# A wheel (pure Python: one for amd64 and arm64) with the runtime, the stubs, the unit and an
+# example configuration, in dist/.
+wheel: install
+	$(PY) -m pip wheel --quiet --no-deps --wheel-dir dist .
+
+# The Debian package (dh-virtualenv), in dist/.
+deb:
+	@bash scripts/build-deb.sh
 
 # The benchmark (bench/bench.py --help): its own mosquitto, the relay ceiling, the daemon.
 BENCH_ARGS ?=
@@ -53,4 +70,4 @@ soak: install
 	$(PY) bench/soak.py $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info runtime_python/_pb/function_pb2*.py var
+	rm -rf $(VENV) build dist *.egg-info runtime_python/_pb/function_pb2*.py var

@@ -351,16 +351,16 @@ def test_a_message_in_flight_at_each_of_the_last_crashes_is_answered_not_run(
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd is not installed")
 def test_the_unit_file_verifies(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "deploy", "openedge-function.service")) as fh:
-        unit = fh.read()
+    """The unit as `show unit` writes it for this installation (the package's has /usr/bin)."""
+    shown = subprocess.run([sys.executable, "-m", "openedge_function", "show", "unit"], capture_output=True,
+                           text=True, timeout=60)
+    unit = shown.stdout
     for setting in ("NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
                     "Delegate=yes", "ReadWritePaths="):
         assert setting in unit
-    # Where this checkout's daemon is, instead of /opt/openedge-function (verify checks ExecStart).
+    assert f"ExecStart={os.path.join(os.path.dirname(sys.executable), 'openedge-function')} -c " in unit
     path = tmp_path / "openedge-function.service"
-    path.write_text(unit.replace("/opt/openedge-function/.venv/bin/openedge-function",
-                                 os.path.join(os.path.dirname(sys.executable), "openedge-function")))
+    path.write_text(unit)
     run = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True)
     assert run.returncode == 0 and str(path) not in run.stderr, run.stderr
 
