@@ -1,4 +1,9 @@
-"""The daemon's log: a rotated file and/or stderr, as text or JSON lines."""
+"""The daemon's log: a rotated file and/or stderr, as text or JSON lines.
+
+Under systemd, stderr goes to the journal: each line then starts with its syslog priority
+(`<3>` for an error, ...), which journald takes as the entry's level (`journalctl -p warning`),
+and carries no time of its own, since the journal keeps one.
+"""
 from __future__ import annotations
 
 import json
@@ -20,6 +25,33 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+# Python's levels as syslog priorities, which journald reads from a line's `<N>` prefix.
+_PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """Text lines for journald: `<priority>logger: message`, one entry per record."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _PRIORITIES.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
+        # A multi-line record (a traceback) stays one entry: journald splits at newlines.
+        return f"<{priority}>" + super().format(record).replace("\n", "\n    ")
+
+
+def to_journal() -> bool:
+    """Whether stderr is systemd's journal stream (systemd sets JOURNAL_STREAM to its device and inode)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in stream.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
 def setup_logging(config: LoggerConfig) -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -37,8 +69,10 @@ def setup_logging(config: LoggerConfig) -> None:
             encoding="utf-8"))
     if config.console or not handlers:
         handlers.append(logging.StreamHandler(sys.stderr))
+    journal = config.format == "text" and to_journal()
     for handler in handlers:
-        handler.setFormatter(formatter)
+        stderr = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        handler.setFormatter(JournalFormatter() if journal and stderr else formatter)
         root.addHandler(handler)
     # The summary logger is checked before each line is built: off, it costs nothing per message.
     logging.getLogger("openedge_function.summary").setLevel(logging.NOTSET if config.summary else logging.WARNING)
