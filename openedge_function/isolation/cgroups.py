@@ -231,6 +231,9 @@ def _setup_v2(own: str) -> Tuple[Optional[Cgroups], str]:
     wanted = ["memory", "pids"] + (["cpu"] if "cpu" in available else [])
     enable = " ".join("+" + c for c in wanted)
     instances = os.path.join(own, "instances")
+    why = _not_ours(own)
+    if why:
+        return None, why
     try:
         if not os.access(os.path.join(own, "cgroup.procs"), os.W_OK):
             raise PermissionError(errno.EACCES, "not delegated to this user")
@@ -250,6 +253,25 @@ def _setup_v2(own: str) -> Tuple[Optional[Cgroups], str]:
     except OSError as exc:
         return None, f"cannot make groups under cgroup v2 {own}: {exc.strerror or exc}"
     return Cgroups(2, {"": instances}), ""
+
+
+def _not_ours(own: str) -> str:
+    """Why the cgroup v2 group `own` is not the daemon's to divide, or "". systemd marks the group
+    of a unit with Delegate=yes (the `user.delegate` attribute since systemd 253, `trusted.delegate`
+    since 251, which only a process with CAP_SYS_ADMIN can read: the unit does not give it that).
+    Where the mark cannot be read, a group that holds other processes (a login shell's, another
+    service's) is someone else's."""
+    for name in ("user.delegate", "trusted.delegate"):
+        try:
+            if os.getxattr(own, name) == b"1":
+                return ""
+        except OSError:
+            continue
+    others = [pid for pid in _read(os.path.join(own, "cgroup.procs")).split() if int(pid) != os.getpid()]
+    if others:
+        return (f"cgroup v2 group {own} is not delegated to the daemon: it holds {len(others)} other "
+                "processes (run it as the service, whose unit has Delegate=yes)")
+    return ""
 
 
 def _setup_v1(mounts: List[Tuple[str, str, List[str]]], own: Dict[str, str]) -> Tuple[Optional[Cgroups], str]:
