@@ -120,3 +120,23 @@ def plane() -> Iterator[DataPlane]:
     loop.start()
     yield loop
     loop.stop()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """What the gateway in the VM showed (tests/test_vm.py), or why it did not run."""
+    import sys
+    vm = sys.modules.get("tests.test_vm")
+    session = getattr(vm, "SESSION", None)
+    if not session:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("gateway in a VM")
+    if "skipped" in session:
+        write(f"skipped: {session['skipped']}")
+        return
+    write(f"Debian 12 guest, systemd as PID 1, cgroup v2 (unified), the package built from this checkout; "
+          f"image {session.get('image', 0):.0f}s, package {session.get('package', 0):.0f}s, "
+          f"guest {session.get('guest', 0):.0f}s")
+    for name, result in session.get("results", {}).items():
+        detail = " ".join(str(result["detail"]).split())[:160]
+        write(f"{'PASS' if result['ok'] else 'FAIL'} {name} ({result['seconds']}s): {detail}")
