@@ -15,7 +15,7 @@ from __future__ import annotations
 import ast
 import os
 import sys
-from typing import Dict, List, Set, Tuple
+from typing import Dict, List, Set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("openedge_function", "runtime_python")

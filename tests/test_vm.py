@@ -16,10 +16,9 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import pytest
 
