@@ -39,4 +39,7 @@ mmdebstrap --variant=minbase --include="$packages" \
 mkfs.ext4 -q -F -L root -d "$work/root" "$work/disk.img" 3G
 mkdir -p "$out"
 mv "$work/disk.img" "$work/vmlinuz" "$work/initrd.img" "$out/"
+for old in "$cache"/bookworm-*; do   # images of earlier inputs: only the newest is used
+    [ "$old" = "$out" ] || rm -rf "$old"
+done
 echo "$out"

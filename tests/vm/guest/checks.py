@@ -7,6 +7,7 @@ The host (tests/test_vm.py) reads the results; for the check from outside it is 
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 import traceback
+import zipfile
 from typing import Any, Callable, Dict, List
 
 import paho.mqtt.client as mqtt
@@ -71,6 +73,28 @@ def handler(event, context):
     time.sleep(1)
     return {"n": event["n"]}
 '''
+
+
+PINNED = """
+import tinypkg
+def handler(event, context):
+    return {"tinypkg": tinypkg.VALUE}
+"""
+
+
+def offline_wheel(directory: str) -> None:
+    """tinypkg 1.0 as a wheel file (the guest has no index to reach), for requirements.txt."""
+    os.makedirs(directory, exist_ok=True)
+    dist = "tinypkg-1.0.dist-info"
+    files = {"tinypkg.py": b"VALUE = 'from the wheel'\n",
+             f"{dist}/METADATA": b"Metadata-Version: 2.1\nName: tinypkg\nVersion: 1.0\n",
+             f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: vm\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
+              f"{len(data)}" for path, data in files.items()] + [f"{dist}/RECORD,,"]
+    with zipfile.ZipFile(os.path.join(directory, "tinypkg-1.0-py3-none-any.whl"), "w") as wheel:
+        for path, data in files.items():
+            wheel.writestr(path, data)
+        wheel.writestr(f"{dist}/RECORD", "\n".join(record) + "\n")
 
 
 def check(name: str) -> Callable[[Callable[[], str]], Callable[[], None]]:
@@ -157,6 +181,15 @@ def logged(text: str, since: float, timeout: float = 240) -> str:
     return wait_for(find, timeout, f"{text!r} in the journal")
 
 
+def invoke(function: str) -> Any:
+    """The result of `openedge-function invoke FUNCTION` once the service's server answers it."""
+    def attempt() -> Any:
+        done = subprocess.run(["openedge-function", "invoke", function], capture_output=True, text=True,
+                              timeout=300)
+        return json.loads(done.stdout) if done.returncode == 0 else None
+    return wait_for(attempt, 240, f"openedge-function invoke {function}")
+
+
 def main_pid() -> int:
     return int(sh("systemctl", "show", "-p", "MainPID", "--value", SERVICE).strip())
 
@@ -167,16 +200,20 @@ def service_group() -> str:
 
 def configure() -> None:
     """The probe, a slow function, their rules and the HTTP server, added to the configuration."""
-    for name, source in (("probe", PROBE), ("slow", SLOW)):
+    for name, source in (("probe", PROBE), ("slow", SLOW), ("pinned", PINNED)):
         os.makedirs(f"{STATE}/functions/{name}", exist_ok=True)
         with open(f"{STATE}/functions/{name}/{name}.py", "w") as fh:
             fh.write(source)
+    offline_wheel(f"{STATE}/functions/pinned/wheels")
+    with open(f"{STATE}/functions/pinned/requirements.txt", "w") as fh:
+        fh.write("--no-index\n--find-links wheels\ntinypkg==1.0\n")
     with open(CONFIG) as fh:
         config = yaml.safe_load(fh)
     config["functions"] += [
         {"name": "probe", "handler": "probe.handler", "codedir": "functions/probe",
          "instance": {"max": 1, "timeout": "60s", "memory": "64m", "cpu": {"cpus": 0.2}}},
         {"name": "slow", "handler": "slow.handler", "codedir": "functions/slow", "instance": {"max": 1}},
+        {"name": "pinned", "handler": "pinned.handler", "codedir": "functions/pinned"},
     ]
     config["rules"] += [
         {"id": "rule-probe", "subscribe": {"topic": "probe/in", "qos": 1}, "compute": {"function": "probe"},
@@ -370,7 +407,13 @@ def main() -> int:
             config_hash = hashlib.sha256(fh.read()).hexdigest()
         code = sorted(os.listdir(f"{STATE}/functions"))
         journal = os.path.exists(f"{STATE}/.openedge-function.inflight")
+        cache = f"{STATE}/.openedge-function/packages"
+        pinned = invoke("pinned")
+        expect(pinned == {"tinypkg": "from the wheel"}, pinned)
+        installed = sorted(os.listdir(cache))
+        expect(any(entry.startswith("pinned-") for entry in installed), f"the cache holds {installed}")
         before = main_pid()
+        since = time.time() - 1
         sh("dpkg", "-i", os.path.join(SHARE, "pkg", current))
         version = sh("dpkg-query", "-W", "-f", "${Version}", "openedge-function")
         with open(CONFIG, "rb") as fh:
@@ -381,7 +424,13 @@ def main() -> int:
         after = main_pid()
         answer = client.ask("hello/in", "hello/out", {"name": "upgraded"}, timeout=180)
         expect(answer["hello"] == "upgraded", answer)
-        return f"{previous} -> {version}: configuration and {code} kept, restarted (pid {before} -> {after})"
+        again = invoke("pinned")
+        expect(again == pinned and sorted(os.listdir(cache)) == installed, f"{again}, {os.listdir(cache)}")
+        reinstalled = sh("journalctl", "-q", "-u", SERVICE, "--since", f"@{int(since)}", "-o", "cat", "-g",
+                         "installing", "--no-pager", check=False).strip()
+        expect(not reinstalled, f"installed again: {reinstalled}")
+        return (f"{previous} -> {version}: configuration, {code}, the journal and the package cache "
+                f"{installed} kept (nothing installed again); restarted (pid {before} -> {after})")
 
     client.close()
 
