@@ -12,6 +12,7 @@ import yaml
 
 from . import __version__
 from .config import load_config
+from .config.parser import parse_server
 from .config.layout import DEFAULT_HELP, default_config, default_workdir
 from .daemon import Daemon
 from .errors import ConfigError, ServerError
@@ -128,21 +129,19 @@ def client_main(argv: List[str]) -> int:
 
 def _server_of(path: str) -> "tuple[Optional[str], Optional[str]]":
     """The address and token of the server a configuration file sets up, as a client on this
-    machine reaches it; (None, None) when it has none or cannot be read."""
+    machine reaches it; (None, None) when it has none or it cannot be read."""
     try:
         with open(path, "rb") as fh:
             data = yaml.safe_load(fh)
-        server = data.get("server") if isinstance(data, dict) else None
-        address = str(server["address"]) if isinstance(server, dict) and server.get("address") else None
-    except (OSError, yaml.YAMLError):
+        section = data.get("server") if isinstance(data, dict) else None
+        if section is None:
+            return None, None
+        server = parse_server(section, path)
+    except (OSError, yaml.YAMLError, ConfigError):
         return None, None
-    if address is None:
-        return None, None
-    host, _, port = address.split("://")[-1].rstrip("/").rpartition(":")
-    if host.strip("[]") in ("", "0.0.0.0", "::"):   # listening everywhere: reached on loopback
-        host = "127.0.0.1"
-    token = server.get("token")
-    return f"{host}:{port}", str(token) if token else None
+    host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host   # everywhere: loopback too
+    address = f"[{host}]:{server.port}" if ":" in host else f"{host}:{server.port}"
+    return address, server.token or None
 
 
 def _status(client: Client) -> int:

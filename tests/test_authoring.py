@@ -448,6 +448,10 @@ def test_a_server_listening_everywhere_is_reached_on_loopback(tmp_path):
     config = tmp_path / "application.yml"
     config.write_text("server: {address: '0.0.0.0:8123', token: t}\n")
     assert _server_of(str(config)) == ("127.0.0.1:8123", "t")
-    config.write_text("server: {address: 'http://[::]:8124/'}\n")
-    assert _server_of(str(config)) == ("127.0.0.1:8124", None)
+    config.write_text("server: {address: 'http://[::]:8124/', token: t2}\n")
+    assert _server_of(str(config)) == ("127.0.0.1:8124", "t2")
+    config.write_text("server: {address: '127.0.0.1:8125'}\n")
+    assert _server_of(str(config)) == ("127.0.0.1:8125", None)
+    config.write_text("server: {address: '0.0.0.0:8126'}\n")   # the daemon refuses it: no token
+    assert _server_of(str(config)) == (None, None)
     assert _server_of(str(tmp_path / "missing.yml")) == (None, None)

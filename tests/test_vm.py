@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import types
 from typing import Any, Dict, Optional
 
 import pytest
@@ -90,8 +91,7 @@ def _outside(share: str, port: int) -> None:
     ready = os.path.join(share, "state", "outside.ready")
     if not os.path.exists(ready) or os.path.exists(os.path.join(share, "state", "outside.json")):
         return
-    broker = type("Forwarded", (), {"host": "127.0.0.1", "port": port})()
-    collector = Collector(broker, ["hello/out"])
+    collector = Collector(types.SimpleNamespace(host="127.0.0.1", port=port), ["hello/out"])
     try:
         collector.client.publish("hello/in", json.dumps({"name": "outside"}), 1).wait_for_publish(30)
         deadline = time.monotonic() + 120

@@ -286,6 +286,16 @@ def _parse_hub(r: Reader, workdir: str) -> Hub:
     return r.read(Hub, address=address, host=host, port=port_number, tls=tls, ca=ca, cert=cert, key=key)
 
 
+def parse_server(data: Any, file: str) -> Server:
+    """The `server:` section alone (what a client of the daemon needs of a configuration).
+    Raises ConfigError naming the field."""
+    problems = Problems()
+    server = problems.each(_parse_server, Reader.of(problems, file, "server", data, Server))
+    problems.raise_found()
+    assert server is not None
+    return server
+
+
 def _parse_server(r: Reader) -> Server:
     address = r.value(Server, "host")
     match = re.match(r"^(?:http://)?([^:/\[\]]*|\[[^\]]+\]):(\d+)/?$", address)
