@@ -131,6 +131,7 @@ def guest() -> Dict[str, Dict[str, Any]]:
         _previous(deb, os.path.join(share, "pkg"))
         for name in ("guest.sh", "checks.py"):
             shutil.copy(os.path.join(VM, "guest", name), share)
+        shutil.copy(os.path.join(ROOT, "tests", "probe_handler.py"), os.path.join(share, "probe.py"))
         port = free_port()
         command = [
             "qemu-system-x86_64", "-accel", "tcg", "-m", "2048", "-smp", "2", "-nographic", "-no-reboot",

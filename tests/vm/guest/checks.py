@@ -31,42 +31,6 @@ STATE = "/var/lib/openedge-function"
 SERVICE = "openedge-function.service"
 RESULTS: List[Dict[str, Any]] = []
 
-PROBE = r'''
-import os, resource, signal, subprocess, time
-
-def handler(event, context):
-    what = event["try"]
-    if what == "allocate":
-        return {"allocated": len(bytearray(event["bytes"]))}
-    if what == "spawn":
-        children = []
-        try:
-            for _ in range(event["n"]):
-                children.append(subprocess.Popen(["sleep", "30"]))
-        except OSError as exc:
-            return {"started": len(children), "error": type(exc).__name__}
-        finally:
-            for child in children:
-                child.kill()
-                child.wait()
-        return {"started": len(children)}
-    if what == "spin":
-        start, cpu = time.monotonic(), time.process_time()
-        while time.monotonic() - start < event["seconds"]:
-            pass
-        return {"wall": time.monotonic() - start, "cpu": time.process_time() - cpu}
-    if what == "runaway":
-        child = subprocess.Popen(["sleep", "600"], start_new_session=True)
-        with open(f"/proc/{child.pid}/cgroup") as fh:
-            group = fh.read().strip()
-        return {"pid": child.pid, "pgid": os.getpgid(child.pid), "mine": os.getpgrp(), "cgroup": group}
-    if what == "crash":
-        os._exit(3)
-    if what == "cgroup":
-        with open("/proc/self/cgroup") as fh:
-            return {"cgroup": fh.read().strip()}
-'''
-
 SLOW = '''
 import time
 def handler(event, context):
@@ -200,7 +164,9 @@ def service_group() -> str:
 
 def configure() -> None:
     """The probe, a slow function, their rules and the HTTP server, added to the configuration."""
-    for name, source in (("probe", PROBE), ("slow", SLOW), ("pinned", PINNED)):
+    with open(os.path.join(SHARE, "probe.py")) as fh:   # tests/probe_handler.py, as the host runs it
+        probe = fh.read()
+    for name, source in (("probe", probe), ("slow", SLOW), ("pinned", PINNED)):
         os.makedirs(f"{STATE}/functions/{name}", exist_ok=True)
         with open(f"{STATE}/functions/{name}/{name}.py", "w") as fh:
             fh.write(source)
@@ -293,13 +259,13 @@ def main() -> int:
         with open(os.path.join(group, "cgroup.procs")) as fh:
             internal = fh.read().split()
         expect(internal == [], f"processes in the service's own group: {internal}")
-        probe = client.ask("probe/in", "probe/out", {"try": "cgroup"})["cgroup"]
+        probe = client.ask("probe/in", "probe/out", {"try": "cgroup"})["result"]
         expect(re.search(r"/openedge-function\.service/instances/probe-\d+\.\d+$", probe), probe)
         return f"daemon {own}; an instance in {probe}"
 
     @check("cgroup v2: memory.max stops an allocation with MemoryLimitExceeded and its peak")
     def _() -> str:
-        envelope = client.ask("probe/in", "probe/out", {"try": "allocate", "bytes": 1 << 30})
+        envelope = client.ask("probe/in", "probe/out", {"try": "allocate", "arg": 1 << 30})
         expect(envelope.get("errorType") == "MemoryLimitExceeded", envelope)
         used = int(envelope["errorMessage"].split(" used ")[1].split(" MB")[0])
         expect(used <= 64, envelope["errorMessage"])
@@ -307,20 +273,20 @@ def main() -> int:
 
     @check("cgroup v2: pids.max stops a fork bomb")
     def _() -> str:
-        spawned = client.ask("probe/in", "probe/out", {"try": "spawn", "n": 500})
+        spawned = client.ask("probe/in", "probe/out", {"try": "spawn", "arg": 500})["result"]
         expect(spawned.get("error") == "BlockingIOError" and spawned["started"] < 100, spawned)
         return f"{spawned}"
 
     @check("cgroup v2: cpu.max caps a spinner at instance.cpu.cpus")
     def _() -> str:
-        spun = client.ask("probe/in", "probe/out", {"try": "spin", "seconds": 4})
+        spun = client.ask("probe/in", "probe/out", {"try": "spin", "arg": 4})["result"]
         share = spun["cpu"] / spun["wall"]
         expect(share < 0.35, f"{share:.2f} of a CPU under a quota of 0.2")
         return f"{spun['cpu']:.2f}s of CPU in {spun['wall']:.2f}s: {share:.2f} of a CPU (quota 0.2)"
 
     @check("cgroup v2: a child that left its process group dies with its instance (cgroup.kill)")
     def _() -> str:
-        child = client.ask("probe/in", "probe/out", {"try": "runaway"})
+        child = client.ask("probe/in", "probe/out", {"try": "runaway"})["result"]
         expect(child["pgid"] != child["mine"] and os.path.exists(f"/proc/{child['pid']}"), child)
         expect("/openedge-function.service/instances/" in child["cgroup"], f"not in an instance's group: {child}")
         crashed = client.ask("probe/in", "probe/out", {"try": "crash"})
