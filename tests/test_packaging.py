@@ -50,3 +50,19 @@ def test_the_wheel_is_whole_and_runs_from_itself(tmp_path):
                                "print(openedge_function.__file__, runtime_python.__file__)"],
                               env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert str(tmp_path / "unpacked") in imported.stdout and ROOT not in imported.stdout
+
+    # As the README installs it: a venv of its own, the wheel and its dependencies from PyPI.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    installed = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check",
+                                str(tmp_path / wheel)], capture_output=True, text=True, timeout=600)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    binary = str(venv / "bin" / "openedge-function")
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    unit = subprocess.run([binary, "show", "unit"], env=clean, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert f"ExecStart={binary} -c /etc/openedge-function/application.yml" in unit.stdout, unit.stdout
+    os.chmod(venv, 0o755)
+    ran = subprocess.run([binary, "run", str(code), '{"n": 1}'], env=clean, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert ran.returncode == 0 and ran.stdout.strip() == '{"n": 2}', ran.stderr

@@ -44,7 +44,7 @@ CHECKS = [
     "systemd-analyze security: the unit's exposure",
     "by hand from a root shell (no delegation): no groups, says why, rlimits instead",
     "upgrade keeps the configuration, the functions, the package cache and the journal",
-    "purge removes what the package made",
+    "remove keeps the configuration and the state; purge removes what the package made",
 ]
 
 # What the session found, for the summary at the end of the run (conftest.py prints it).

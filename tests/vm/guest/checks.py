@@ -400,13 +400,16 @@ def main() -> int:
 
     client.close()
 
-    @check("purge removes what the package made")
+    @check("remove keeps the configuration and the state; purge removes what the package made")
     def _() -> str:
+        sh("dpkg", "--remove", "openedge-function")
+        kept = [p for p in (CONFIG, f"{STATE}/functions/hello/hello.py") if os.path.exists(p)]
+        expect(len(kept) == 2 and not os.path.lexists("/usr/bin/openedge-function"), f"after remove: {kept}")
         sh("dpkg", "--purge", "openedge-function")
         left = [p for p in ("/etc/openedge-function", STATE, "/var/log/openedge-function", "/opt/venvs/openedge-function",
                             "/usr/bin/openedge-function") if os.path.lexists(p)]
         expect(not left, f"left: {left}")
-        return "nothing left"
+        return f"remove kept {kept}; purge left nothing"
 
     return 0 if all(r["ok"] for r in RESULTS) else 1
 
