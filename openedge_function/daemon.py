@@ -43,6 +43,7 @@ from .isolation import Cgroups, RunAs, RunDir, detect, plan, warn_readable_secre
 from .journal import Journal, journal_path
 from .logs import setup_logging
 from .pool import Pool
+from .replies import ReplyPolicy
 from .rules import RuleRunner
 
 if TYPE_CHECKING:
@@ -255,7 +256,7 @@ class Daemon:
     def _runner(self, rule: Rule, config: AppConfig, pools: Dict[str, Pool], publisher: Publisher) -> RuleRunner:
         function = config.function(rule.function)
         return RuleRunner(self.plane, rule, config.hub, function, pools[function.name], publisher,
-                          self._journal)
+                          _replies(rule, config), self._journal)
 
     def _loop(self) -> None:
         while True:
@@ -283,7 +284,7 @@ class Daemon:
 
         def switch() -> None:   # on the loop: between two messages, nothing queued runs old code
             for runner in runners:
-                runner.use(runner.function, pool)
+                runner.use(runner.function, pool, runner.replies)
             old.hand_over(pool)
 
         self.plane.run(switch)
@@ -351,7 +352,8 @@ class Daemon:
             if runner is not None and new.hub == old.hub and _same_rule(runner.rule, rule):
                 runner.rule = rule
                 # On the loop: the next message the intake reads goes to the new pool.
-                self.plane.run(runner.use, new.function(rule.function), pools[rule.function])
+                self.plane.run(runner.use, new.function(rule.function), pools[rule.function],
+                               _replies(rule, new))
                 kept.append(runner)
                 continue
             if runner is not None:
@@ -434,6 +436,11 @@ class Daemon:
                      stats["queue_peak"], stats["dropped"])
         log.info("stopped")
         return 0
+
+
+def _replies(rule: Rule, config: AppConfig) -> ReplyPolicy:
+    """Where `rule` answers MQTT 5 requests: its response.topics, never onto any rule's input."""
+    return ReplyPolicy(rule.response_topics, (r.subscribe.topic for r in config.rules))
 
 
 def _rule_key(rule: Rule) -> object:

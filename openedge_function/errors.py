@@ -15,7 +15,8 @@ OpenEdgeFunctionError                 base of everything the daemon raises on pu
     ├── MessageTooLarge               payload over instance.message.length.max
     ├── MessageExpired                MQTT 5: expired while it waited; acknowledged, not run
     ├── ResultTooLarge                the result, as a publish, is over what the broker takes
-    └── PublishRefused                MQTT 5: the broker refused the result (PUBACK reason code)
+    ├── PublishRefused                MQTT 5: the broker refused the result (PUBACK reason code)
+    └── ResponseRefused               MQTT 5: the request's response topic is not one to answer on
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ __all__ = [
     "OpenEdgeFunctionError", "ConfigError", "ConfigErrors", "ServerError", "InvocationError", "HandlerError",
     "ResultEncodingError", "FunctionTimeout", "MemoryLimitExceeded", "PoisonMessage", "InstanceCrashed",
     "FunctionLoadError", "MessageTooLarge", "MessageExpired", "ResultTooLarge", "PublishRefused",
-    "Packet", "build_envelope", "brief", "error_of",
+    "ResponseRefused", "Packet", "build_envelope", "brief", "error_of",
 ]
 
 
@@ -124,6 +125,12 @@ class ResultTooLarge(InvocationError):
 class PublishRefused(InvocationError):
     """An MQTT 5 broker answered the result's PUBLISH with a failure reason code."""
     error_type = "PublishRefused"
+
+
+class ResponseRefused(InvocationError):
+    """An MQTT 5 request asked for its answer on a topic the rule does not answer on (see
+    replies.py): not run; this envelope goes to the rule's error topic instead."""
+    error_type = "ResponseRefused"
 
 
 def brief(error: InvocationError, length: int = 1024) -> InvocationError:

@@ -7,7 +7,8 @@ paho delivered it.
 MQTT 5 (`hub.protocol: 5`): a message with a response topic gets its outcome there, with its
 correlation data, instead of on the rule's `publish` (or `error`) topic; its user properties and
 content type reach the handler's context; every outcome says its content type and carries the user
-properties the handler set; a QoS 1 message that expires while it waits is acknowledged unrun.
+properties the handler set; a QoS 1 message that expires while it waits is acknowledged unrun; a
+response topic the rule does not answer on (replies.py) is answered with `ResponseRefused`, unrun.
 
 Every message ends in `_settle`: acknowledged to the broker (QoS 1) once its outcome is published,
 or left unacknowledged for the broker to deliver again when the outcome could not be published.
@@ -33,12 +34,13 @@ from runtime_python._pb import function_pb2 as pb
 from .config import Function, Hub, Publication, Rule
 from .dataplane import DataPlane
 from .errors import (FunctionLoadError, HandlerError, InstanceCrashed, InvocationError, MessageExpired,
-                     MessageTooLarge, Packet, PoisonMessage, PublishRefused, ResultTooLarge, brief,
-                     build_envelope)
+                     MessageTooLarge, Packet, PoisonMessage, PublishRefused, ResponseRefused, ResultTooLarge,
+                     brief, build_envelope)
 from .broker import Intake, Publisher
 from .invocation import JSON_TYPE, NONE, Delivery, Invocation, Outcome, content_type, failure, new_request_id
 from .journal import CRASHES, Journal, key
 from .pool import Pool
+from .replies import ReplyPolicy
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,9 @@ class RuleRunner:
     """Connects one rule's subscription to its function's pool and publishes the outcomes."""
 
     def __init__(self, plane: DataPlane, rule: Rule, hub: Hub, function: Function, pool: Pool,
-                 publisher: Publisher, journal: Optional[Journal] = None) -> None:
+                 publisher: Publisher, replies: ReplyPolicy, journal: Optional[Journal] = None) -> None:
         self.rule = rule
+        self.replies = replies
         self._journal = journal
         self._plane = plane
         self.publisher = publisher
@@ -81,11 +84,14 @@ class RuleRunner:
         self.dropped = 0
         self.expired = 0
         self.undeliverable = 0   # not even the envelope was taken: see _not_taken
+        self.refused = 0   # MQTT 5 requests not run for their response topic (replies.py)
         self._v5 = hub.protocol == 5
 
-    def use(self, function: Function, pool: Pool) -> None:
-        """Send the next messages to `pool` (its function changed on reload). On the loop."""
+    def use(self, function: Function, pool: Pool, replies: ReplyPolicy) -> None:
+        """Send the next messages to `pool` (its function changed on reload), answer requests
+        as `replies` says (the rules changed). On the loop."""
         self.function = function
+        self.replies = replies
         self._message_max = function.instance.message_max
         if pool is not self.pool:
             self.pool.unlisten(self._on_full)
@@ -140,6 +146,11 @@ class RuleRunner:
             invocation.slot = journal.add(digest)
         if self._v5 and message.properties is not None:
             self._request(invocation, message.properties)
+            if invocation.reply is not None:
+                refusal = self.replies.refusal(invocation.reply[0])
+                if refusal is not None:
+                    self._refuse(invocation, refusal)
+                    return
         if len(payload) > self._message_max:
             self._done(invocation, MessageTooLarge(
                 f"the message has {len(payload)} bytes, over the limit of {self._message_max} "
@@ -168,6 +179,22 @@ class RuleRunner:
         expiry = getattr(properties, "MessageExpiryInterval", None)
         if expiry and invocation.qos:
             invocation.expires = time.monotonic() + expiry
+
+    def _refuse(self, invocation: Invocation, why: str) -> None:
+        """The request's response topic is not one to answer on: not run, its envelope to the
+        rule's error topic (none: the log says it), acknowledged."""
+        topic = invocation.reply[0]
+        shown = repr(topic if len(topic) <= 200 else topic[:200] + "...")
+        invocation.reply = None
+        self.refused += 1
+        self.failed += 1
+        if self.refused == 1 or self.refused % 1000 == 0:   # a requester may send many
+            log.warning("rule %s: request %s on %s asks for its answer on %s, which is refused: %s; "
+                        "not run, answered with ResponseRefused%s (%d such requests so far)",
+                        self.rule.name, invocation.request_id, invocation.topic, shown, why,
+                        "" if self._error else " in this log only (the rule has no error topic)",
+                        self.refused)
+        self._envelope(invocation, ResponseRefused(f"the response topic {shown} is refused: {why}"), None)
 
     def _wait_turn(self, invocation: Invocation) -> bool:
         """ordered: True when another message of the topic is in progress and this one waits."""
@@ -282,8 +309,15 @@ class RuleRunner:
                     f"publish of {size} bytes to {topic}, is over the {publisher.limit} bytes the broker "
                     f"takes ({publisher.limit_source})"))
                 return
-        if publisher.publish(topic, payload, qos, lambda refused: self._settle(invocation) if refused is None
-                             else self._refused(invocation, topic, refused, envelope), properties):
+        try:
+            taken = publisher.publish(topic, payload, qos, lambda refused: self._settle(invocation)
+                                      if refused is None else self._refused(invocation, topic, refused, envelope),
+                                      properties)
+        except ValueError as exc:   # paho's own checks of a topic (replies.py makes them moot)
+            self._not_taken(invocation, envelope, PublishRefused(f"the outcome cannot be published to "
+                                                                 f"{topic[:200]!r}: {exc}"))
+            return
+        if taken:
             self.published += 1
         else:
             log.debug("rule %s: the outcome of request %s was not published", self.rule.name,
@@ -357,4 +391,4 @@ class RuleRunner:
     def stats(self) -> dict:
         return {"received": self.received, "published": self.published, "failed": self.failed,
                 "dropped": self.dropped, "expired": self.expired, "undeliverable": self.undeliverable,
-                "pending": self.pending}
+                "refused": self.refused, "pending": self.pending}

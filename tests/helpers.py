@@ -16,6 +16,8 @@ import paho.mqtt.client as mqtt
 import psutil
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from runtime_python.template import NAME as TEMPLATE_NAME
 
@@ -134,6 +136,39 @@ class Collector:
     def on(self, topic: str) -> List[mqtt.MQTTMessage]:
         with self._lock:
             return [m for m in self.messages if m.topic == topic]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class V5Client:
+    """An MQTT 5 client that records what arrives, properties included."""
+
+    def __init__(self, broker: Broker, topics: List[str]) -> None:
+        self.messages: List[mqtt.MQTTMessage] = []
+        self._ready = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"v5-{time.monotonic_ns()}",
+                                  protocol=mqtt.MQTTv5)
+        self.client.on_message = lambda c, u, message: self.messages.append(message)
+        self.client.on_subscribe = lambda *a: self._ready.set()
+        self.client.on_connect = lambda c, *a: c.subscribe([(t, 1) for t in topics])
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        assert self._ready.wait(10)
+
+    def request(self, topic: str, payload: bytes, **props: Any) -> None:
+        properties = Properties(PacketTypes.PUBLISH)
+        for key, value in props.items():
+            if key == "UserProperty":
+                for pair in value:
+                    properties.UserProperty = pair
+            else:
+                setattr(properties, key, value)
+        self.client.publish(topic, payload, 1, properties=properties).wait_for_publish(10)
+
+    def on(self, topic: str) -> List[mqtt.MQTTMessage]:
+        return [m for m in list(self.messages) if m.topic == topic]
 
     def close(self) -> None:
         self.client.disconnect()

@@ -159,6 +159,20 @@ def topic_filter(value: Any) -> str:
     return text
 
 
+def response_filters(value: Any) -> Tuple[str, ...]:
+    """rule.response.topics: the filters a response topic must match (a list, or one filter)."""
+    items = value if isinstance(value, list) else [value]
+    found = []
+    for item in items:
+        text = topic_filter(item)
+        if text.startswith("$share/"):
+            raise ValueError(f"{text!r}: a shared subscription is not a topic filter for answers")
+        found.append(text)
+    if not found:
+        raise ValueError("expected at least one topic filter")
+    return tuple(found)
+
+
 def topic_name(value: Any) -> str:
     """A publish topic: no wildcards."""
     text = nonempty_string(value)

@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Tuple
 from .converters import (PACKET_MAX, SESSION_NEVER_EXPIRES, above_zero, account, boolean, bounded_int,
                          byte_size, cpu_list, duration, entry_point, function_name, log_level, memory_limit,
                          nonempty_string, one_of, packet_size, positive_float, protocol, qos,
-                         session_expiry, string, topic_filter, topic_name)
+                         response_filters, session_expiry, string, topic_filter, topic_name)
 
 __all__ = [
     "AppConfig", "Hub", "Rule", "Subscription", "Publication", "Function", "Limits", "Credentials",
@@ -104,6 +104,9 @@ class Rule:
     # What a full queue does to QoS 0 messages: pause intake as for QoS 1 (the broker buffers or
     # drops under its own limits), or drop them here (freshness over completeness).
     overflow: str = setting("overflow", "pause", one_of("pause", "drop"))
+    # MQTT 5: the topics a request's response topic must match (empty: any topic but the daemon's
+    # own subscriptions and $-topics; see replies.py)
+    response_topics: Tuple[str, ...] = setting("response.topics", (), response_filters)
 
     @property
     def name(self) -> str:

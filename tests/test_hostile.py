@@ -1,0 +1,96 @@
+"""What a hostile publisher, package or handler tried, each case through a real daemon (as root,
+with its users and groups) and a real mosquitto: each attempt is answered, bounded or refused, and
+the daemon keeps serving."""
+from __future__ import annotations
+
+import json
+import time
+
+from tests.helpers import Collector, V5Client, function, rule, wait_until
+
+ECHO = '''
+def handler(event, context):
+    return {"echo": event, "function": context["functionName"]}
+'''
+
+V5 = {"protocol": 5}
+
+
+def test_a_response_topic_no_one_can_publish_to_is_refused_acknowledged_and_costs_nothing(
+        broker, daemon_factory):
+    """A wildcard response topic (mosquitto takes it) once left each request unsettled: 100 of
+    them filled the broker's in-flight window and the rule answered nothing more."""
+    daemon = daemon_factory(
+        [function("f", "h.handler", instance={"max": 1})],
+        [rule("r", "req", "f", "out", error={"topic": "err", "qos": 1})],
+        files={"fn/h.py": ECHO}, hub={"address": broker.address, "clientid": "oef-h1", **V5})
+    client = V5Client(broker, ["reply/#", "err", "out"])
+    try:
+        hostile = ["x/#", "a/+/b", "+", "$SYS/broker/x", "req"]
+        for i in range(150):
+            client.request("req", json.dumps({"n": i}).encode(), ResponseTopic=hostile[i % len(hostile)],
+                           CorrelationData=b"h%d" % i)
+        client.request("req", b'{"n": "good"}', ResponseTopic="reply/me", CorrelationData=b"good")
+        wait_until(lambda: client.on("reply/me") and len(client.on("err")) == 150, 60,
+                   message="the good request's answer and an envelope for each hostile one")
+        assert json.loads(client.on("reply/me")[0].payload)["echo"] == {"n": "good"}
+        envelopes = [json.loads(m.payload) for m in client.on("err")]
+        assert {e["errorType"] for e in envelopes} == {"ResponseRefused"}
+        assert any("wildcard" in e["errorMessage"] for e in envelopes)
+        assert any("$-topic" in e["errorMessage"] for e in envelopes)
+        assert any("subscribes to it" in e["errorMessage"] for e in envelopes)
+        log = daemon.log()
+        assert "Task exception was never retrieved" not in log and "Traceback" not in log
+        assert log.count("ResponseRefused") == 1, "a flood of refusals is one log line, not one per request"
+        assert not client.on("out"), "a refused request was run"
+    finally:
+        client.close()
+    # Every one of them was acknowledged: a restart gets nothing back from the broker.
+    daemon.stop()
+    again = daemon_factory(
+        [function("f", "h.handler", instance={"max": 1})],
+        [rule("r", "req", "f", "out", error={"topic": "err", "qos": 1})],
+        files={"fn/h.py": ECHO}, hub={"address": broker.address, "clientid": "oef-h1", **V5})
+    wait_until(lambda: "subscribed" in again.log(), 20)
+    watcher = Collector(broker, ["err", "out"])
+    try:
+        time.sleep(2)
+        assert not watcher.messages, "the broker delivered refused requests again"
+    finally:
+        watcher.close()
+
+
+def test_a_response_topic_is_bounded_to_what_the_rule_allows(broker, daemon_factory):
+    """A requester could once have the daemon answer onto a topic only the daemon may write
+    (`ctl/door/1/set`), or onto another rule's input, which ran another function on its payload."""
+    daemon = daemon_factory(
+        [function("f", "h.handler"), function("g", "h.handler")],
+        [rule("open", "adv/echo", "f", "adv/out", error={"topic": "adv/err", "qos": 1}),
+         rule("bounded", "api/echo", "f", "api/out", error={"topic": "api/err", "qos": 1},
+              response={"topics": ["reply/#"]}),
+         rule("other", "ctl/+/+/set", "g", "ctl/out")],
+        files={"fn/h.py": ECHO}, hub={"address": broker.address, "clientid": "oef-h2", **V5})
+    client = V5Client(broker, ["#"])
+    try:
+        # Without response.topics: anything but the daemon's own input.
+        client.request("adv/echo", b'{"to": "ctl"}', ResponseTopic="ctl/door/1/set", CorrelationData=b"1")
+        client.request("adv/echo", b'{"to": "self"}', ResponseTopic="adv/echo", CorrelationData=b"2")
+        client.request("adv/echo", b'{"to": "mine"}', ResponseTopic="my/inbox", CorrelationData=b"3")
+        # With them: only there.
+        client.request("api/echo", b'{"to": "elsewhere"}', ResponseTopic="my/inbox", CorrelationData=b"4")
+        client.request("api/echo", b'{"to": "reply"}', ResponseTopic="reply/7", CorrelationData=b"5")
+        wait_until(lambda: len(client.on("adv/err")) == 2 and client.on("my/inbox") and client.on("api/err")
+                   and client.on("reply/7"), 30, message="two refusals and one answer per rule")
+        refused = [json.loads(m.payload) for m in client.on("adv/err") + client.on("api/err")]
+        assert {e["errorType"] for e in refused} == {"ResponseRefused"}
+        assert sorted(e["packet"]["Message"]["Topic"] for e in refused) == ["adv/echo", "adv/echo", "api/echo"]
+        assert any("subscribes to it (ctl/+/+/set)" in e["errorMessage"] for e in refused)
+        assert any("none of the rule's response.topics (reply/#)" in e["errorMessage"] for e in refused)
+        assert json.loads(client.on("my/inbox")[0].payload)["echo"] == {"to": "mine"}
+        assert json.loads(client.on("reply/7")[0].payload)["echo"] == {"to": "reply"}
+        assert not client.on("ctl/door/1/set") and not client.on("ctl/out"), \
+            "the daemon answered onto a topic the requester named, and another function ran"
+        assert len(client.on("adv/echo")) == 3, "the daemon answered into its own input (3 requests)"
+    finally:
+        client.close()
+    assert "ResponseRefused" in daemon.log()
