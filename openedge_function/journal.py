@@ -15,6 +15,7 @@ import json
 import logging
 import mmap
 import os
+import time
 from typing import List, Set
 
 from .config import state_directory
@@ -68,11 +69,7 @@ class Journal:
         history_path = self.path + ".crashes"
         history: List[List[str]] = []
         if crashed:
-            try:
-                with open(history_path) as fh:
-                    history = json.load(fh)
-            except (OSError, ValueError):
-                history = []
+            history = _read_history(history_path)
             view = self._map
             left = [view[offset:offset + _DIGEST].hex() for offset in range(_HEADER, len(view), _DIGEST)
                     if view[offset:offset + _DIGEST] != _EMPTY]
@@ -82,7 +79,11 @@ class Journal:
         tmp = history_path + ".tmp"
         with open(tmp, "w") as fh:
             json.dump(history, fh)
-        os.replace(tmp, history_path)
+        try:
+            os.replace(tmp, history_path)
+        except OSError:   # a directory in its place, say
+            _move_aside(history_path, "it cannot be replaced")
+            os.replace(tmp, history_path)
         return history
 
     def poisoned(self, digest: bytes) -> bool:
@@ -112,6 +113,47 @@ class Journal:
         self._map[_RUNNING] = 0
         self._map.flush()
         self._map.close()
+
+
+def _read_history(path: str) -> List[List[str]]:
+    """What `path` says of the crashes in a row: a list of lists of digests. A file that holds
+    anything else is moved aside (the log says where), and the row starts again."""
+    try:
+        with open(path, "rb") as fh:
+            history = json.load(fh)
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        _move_aside(path, f"it cannot be read as JSON ({exc})")
+        return []
+    if not (isinstance(history, list) and all(
+            isinstance(row, list) and all(isinstance(k, str) and len(k) == 2 * _DIGEST and _is_hex(k)
+                                          for k in row) for row in history)):
+        _move_aside(path, "it does not hold lists of message digests")
+        return []
+    return history
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _move_aside(path: str, why: str) -> None:
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    aside = next(name for name in (f"{path}.bad-{stamp}" + (f".{n}" if n else "") for n in range(1000))
+                 if not os.path.lexists(name))
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        log.warning("the in-flight journal's history %s is unusable: %s, and it cannot be moved "
+                    "aside (%s); the count of crashes in a row starts again", path, why, exc)
+        return
+    log.warning("the in-flight journal's history %s is unusable: %s; moved aside to %s, the count of "
+                "crashes in a row starts again", path, why, aside)
 
 
 def journal_path(workdir: str) -> str:

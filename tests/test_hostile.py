@@ -4,6 +4,8 @@ the daemon keeps serving."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 
 from tests.helpers import Collector, V5Client, function, rule, wait_until
@@ -94,3 +96,28 @@ def test_a_response_topic_is_bounded_to_what_the_rule_allows(broker, daemon_fact
     finally:
         client.close()
     assert "ResponseRefused" in daemon.log()
+
+
+def test_whatever_the_journal_history_holds_the_daemon_starts_and_moves_it_aside(broker, daemon_factory):
+    """Valid JSON of the wrong shape in the journal's history once made every start exit with
+    a TypeError."""
+    daemon = daemon_factory([function("f", "h.handler")], [rule("r", "in", "f", "out")],
+                            files={"fn/h.py": ECHO})
+    history = os.path.join(daemon.directory, ".openedge-function.inflight.crashes")
+    for moved, bad in enumerate(('[1, 2, 3]', '[["not a digest"], [], []]', '{"rows": 1}', None), 1):
+        daemon.signal(signal.SIGKILL)   # a crash: the next start reads the history
+        daemon.wait()
+        if bad is None:
+            os.remove(history)
+            os.mkdir(history)   # not even a file
+        else:
+            with open(history, "w") as fh:
+                fh.write(bad)
+        daemon.start()
+        wait_until(lambda: daemon.log().count("moved aside to") >= moved, 20)
+        with open(history) as fh:
+            assert isinstance(json.load(fh), list)
+        assert "no in-flight journal" not in daemon.log()
+    kept = [name for name in os.listdir(daemon.directory) if ".crashes.bad-" in name]
+    assert kept, "the unusable history was not kept for the operator"
+    assert "Traceback" not in daemon.log()
