@@ -14,6 +14,7 @@ from typing import Dict, Optional, Tuple
 
 import pytest
 
+from openedge_function.api.server import HEADER_TIMEOUT
 from openedge_function.sdk import Client, InvokeError
 
 from .helpers import free_port, function, publish, rule, wait_until
@@ -458,3 +459,42 @@ def test_cli_invoke_and_status(api):
     run = subprocess.run(cli + ["status"] + address, capture_output=True, text=True, timeout=30)
     assert run.returncode == 0, run.stderr
     assert "healthy" in run.stdout and "echo (event): instances 1 of max 1" in run.stdout
+
+
+def test_slow_clients_cannot_take_every_connection(daemon_factory):
+    """100 sockets sending one header line every 3 s, without a token, once took every connection
+    the server has, and /healthz timed out."""
+    daemon, port = serving(daemon_factory, [function("echo", "tools.echo")], {"fn/tools.py": TOOLS},
+                           token="t0ken")
+    attackers = []
+    try:
+        for _ in range(100):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"POST /invoke/echo HTTP/1.1\r\nHost: x\r\n")
+            attackers.append(sock)
+        started = time.monotonic()
+        answered = []
+        while time.monotonic() - started < HEADER_TIMEOUT + 8:
+            for sock in attackers:
+                try:
+                    sock.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    pass
+            status, _, body = request(port, "GET", "/healthz", headers={"Authorization": "Bearer t0ken"},
+                                      timeout=5)
+            answered.append(status)
+            time.sleep(1.5)
+        assert answered and all(status == 200 for status in answered), answered
+        closed = 0
+        for sock in attackers:
+            sock.settimeout(0.5)
+            try:
+                sock.sendall(b"X-Slow: 1\r\n")
+                closed += sock.recv(1) == b""
+            except OSError:
+                closed += 1
+        assert closed == len(attackers), f"{len(attackers) - closed} slow connections still open"
+    finally:
+        for sock in attackers:
+            sock.close()
+    assert "HTTP client 127.0.0.1:" in daemon.log()

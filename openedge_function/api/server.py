@@ -224,6 +224,12 @@ class Api:
 # What waitress refuses before the application sees a request, as the API's error types.
 _REFUSED = {413: "MessageTooLarge", 431: "HeadersTooLarge"}
 _LINGER = 2.0   # seconds a refused client may go on sending before its connection is closed
+# Slow clients (slowloris: headers one line at a time, or a connection held open and silent):
+# from the moment the server waits for a request on a connection (accepted, or idle after an
+# answer) its headers must be in within HEADER_TIMEOUT seconds; and one client address holds at
+# most WAITING_PER_CLIENT connections that wait so, a new one closing its longest-waiting one.
+HEADER_TIMEOUT = 10.0
+WAITING_PER_CLIENT = 16
 
 
 def _channel_class() -> type:
@@ -255,6 +261,42 @@ def _channel_class() -> type:
         error_task_class = RefusalTask
         linger = False          # the response was a refusal: linger when closing
         lingering_until = 0.0
+        waiting_since = 0.0     # the server waits for this connection's request headers since
+        served = False          # a request of this connection was answered
+
+        def __init__(self, server: Any, sock: Any, addr: Any, adj: Any, map: Any = None) -> None:
+            super().__init__(server, sock, addr, adj, map)
+            self.waiting_since = time.monotonic()
+            client = addr[0] if isinstance(addr, tuple) else addr
+            waiting = [channel for channel in list(server._map.values())
+                       if getattr(channel, "waiting_since", 0.0) and channel is not self
+                       and (channel.addr[0] if isinstance(channel.addr, tuple) else channel.addr) == client]
+            if len(waiting) >= WAITING_PER_CLIENT:
+                oldest = min(waiting, key=lambda channel: channel.waiting_since)
+                oldest.waiting_since = 0.0
+                oldest.will_close = True
+                _note_slow(client, f"over {WAITING_PER_CLIENT} of its connections wait for their "
+                                   "request headers: closing the longest-waiting one")
+
+        def _waits_too_long(self) -> bool:
+            """Whether the request headers this connection owes are late (on the server's thread)."""
+            request = self.request
+            if self.requests or self.total_outbufs_len or (request is not None and request.headers_finished):
+                self.waiting_since = 0.0   # served, answered, or sending its body
+                self.served = True
+                return False
+            now = time.monotonic()
+            if not self.waiting_since:
+                self.waiting_since = now
+                return False
+            if now - self.waiting_since <= HEADER_TIMEOUT:
+                return False
+            client = self.addr[0] if isinstance(self.addr, tuple) else self.addr
+            if request is not None or not self.served:   # an idle keep-alive one just closes
+                _note_slow(client, f"a request's headers took over {HEADER_TIMEOUT:g} s: closed")
+            self.waiting_since = 0.0
+            self.will_close = True
+            return True
 
         def handle_close(self) -> None:
             if self.linger and not self.lingering_until and self.connected:
@@ -268,7 +310,11 @@ def _channel_class() -> type:
             super().handle_close()
 
         def readable(self) -> bool:
-            return bool(self.lingering_until) or super().readable()
+            if self.lingering_until:
+                return True
+            if not self.will_close and self._waits_too_long():
+                return False
+            return super().readable()
 
         def writable(self) -> bool:
             if self.lingering_until:   # "writable" once the time is up: handle_write closes
@@ -291,6 +337,19 @@ def _channel_class() -> type:
                 super().handle_close()
 
     return Channel
+
+
+_slow_noted: Dict[str, float] = {}
+
+
+def _note_slow(client: str, what: str) -> None:
+    """Log a slow client once a minute at most (an attack would otherwise write the log full)."""
+    now = time.monotonic()
+    if now - _slow_noted.get(client, -60.0) >= 60.0:
+        if len(_slow_noted) > 1024:
+            _slow_noted.clear()
+        _slow_noted[client] = now
+        log.warning("HTTP client %s: %s", client, what)
 
 
 HEADERS_MAX = 256 << 10   # the request line and headers of one request (waitress's default)
