@@ -8,7 +8,7 @@ import os
 import signal
 import time
 
-from tests.helpers import Collector, V5Client, function, rule, wait_until
+from tests.helpers import Collector, V5Client, function, publish, rule, wait_until
 
 ECHO = '''
 def handler(event, context):
@@ -121,3 +121,63 @@ def test_whatever_the_journal_history_holds_the_daemon_starts_and_moves_it_aside
     kept = [name for name in os.listdir(daemon.directory) if ".crashes.bad-" in name]
     assert kept, "the unusable history was not kept for the operator"
     assert "Traceback" not in daemon.log()
+
+
+def _inotify_watches(pid: int) -> int:
+    """The inotify watches process `pid` holds, in all its inotify instances."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
+                count += sum(1 for line in fh if line.startswith("inotify wd:"))
+        except OSError:
+            pass
+    return count
+
+
+def test_links_in_a_code_directory_are_not_followed_by_the_watcher(tmp_path, broker, daemon_factory, collector):
+    """Two links to `.` kept the daemon's main thread busy (SIGTERM unanswered for 12 s, another
+    function's edit taking 33 s); a link out to a 3,000-directory tree added 3,000 watches."""
+    outside = tmp_path / "outside"
+    for i in range(3000):
+        (outside / f"d{i // 60}" / f"e{i}").mkdir(parents=True)
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    (hostile / "h.py").write_text(ECHO)
+    os.chmod(hostile, 0o755)
+    os.symlink(".", hostile / "loop1")
+    os.symlink(".", hostile / "loop2")
+    os.symlink(str(outside), hostile / "out")
+    os.symlink("/", hostile / "root")
+    daemon = daemon_factory([function("hostile", "h.handler", codedir=str(hostile)),
+                             function("plain", "h.handler", codedir="plain")],
+                            [rule("h", "h/in", "hostile", "h/out"), rule("p", "p/in", "plain", "p/out")],
+                            files={"plain/h.py": VERSIONED.format(v=1)})
+    assert _inotify_watches(daemon.process.pid) < 50, "links out of the code directory were followed"
+    # Another function's edit takes effect at once.
+    edited = time.monotonic()
+    with open(os.path.join(daemon.directory, "plain", "h.py"), "w") as fh:
+        fh.write(VERSIONED.format(v=2))
+    publish(broker, "p/in", b"{}")
+
+    def new_code() -> bool:
+        answers = [json.loads(m.payload) for m in collector.on("p/out")]
+        if answers and answers[-1]["v"] == 1:
+            publish(broker, "p/in", b"{}")
+        return any(a["v"] == 2 for a in answers)
+    wait_until(new_code, 20, interval=0.5, message="the other function's new code")
+    assert time.monotonic() - edited < 10
+    publish(broker, "h/in", b'{"x": 1}')
+    wait_until(lambda: collector.on("h/out"), 20)
+    # SIGTERM is answered at once.
+    stopped = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(20) == 0
+    assert time.monotonic() - stopped < 5
+
+
+VERSIONED = '''
+VERSION = {v}
+def handler(event, context):
+    return {{"v": VERSION}}
+'''

@@ -5,6 +5,12 @@ the fd watcher's selector (instances/fdwatch.py), so watching costs nothing unti
 Where inotify is missing, or the user's inotify watches run out, a directory is polled instead:
 its files' modification times, once a second.
 
+What is watched is the code directory's own tree: symbolic links in it are not followed (a link
+to `.` would loop, a link to `/` would take every inotify watch of the machine; a directory a link
+points to inside the tree is watched where it is), and at most `DIRS_MAX` directories of one tree
+are watched (the log says when a tree has more). An edit behind a link out of the code directory
+is not seen: touch a file of the code directory, or send SIGHUP.
+
 Changes are debounced: a function is reported once its directory has been quiet for `QUIET`
 seconds (an editor's save, a `git pull`, an `rsync` of many files: one report), or after `LONGEST`
 while writes keep coming. What no import reads is ignored: `__pycache__`, editors' swap and backup
@@ -30,6 +36,7 @@ log = logging.getLogger("openedge_function.codewatch")
 QUIET = 0.3          # seconds without a change before a function's change is reported
 LONGEST = 5.0        # seconds after a first change at most, while changes keep coming
 POLL_EVERY = 1.0     # seconds between polls of directories that inotify does not cover
+DIRS_MAX = 1000      # directories of one code directory watched (or polled) at most
 
 _SKIP_DIRS = ("__pycache__",)
 _SKIP_SUFFIXES = ("~", ".swp", ".swx", ".swo", ".pyc", ".pyo", ".tmp", ".part")
@@ -47,8 +54,7 @@ Snapshot = Dict[str, Tuple[int, int]]
 def snapshot(root: str) -> Snapshot:
     """{relative path: (mtime_ns, size)} of what `root` holds that imports could read."""
     found: Snapshot = {}
-    for path, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = [d for d in dirs if not ignored(d)]
+    for path, dirs, files in _walk(root, DIRS_MAX):
         for name in files:
             if ignored(name):
                 continue
@@ -59,6 +65,33 @@ def snapshot(root: str) -> Snapshot:
                 continue
             found[os.path.relpath(full, root)] = (st.st_mtime_ns, st.st_size)
     return found
+
+
+def _walk(top: str, most: int):
+    """os.walk of `top` without following links, skipping what imports ignore, `most` directories
+    at most (breadth first: the top levels are the ones kept)."""
+    queue = [top]
+    seen = 0
+    while queue and seen < most:
+        path = queue.pop(0)
+        seen += 1
+        try:
+            entries = list(os.scandir(path))
+        except OSError:
+            continue
+        dirs, files = [], []
+        for entry in entries:
+            if ignored(entry.name):
+                continue
+            try:
+                (dirs if entry.is_dir(follow_symlinks=False) else files).append(entry.name)
+            except OSError:
+                continue
+        yield path, dirs, files
+        queue.extend(os.path.join(path, d) for d in dirs)
+    if queue:
+        log.warning("code directory %s has more than %d directories: only the first %d are watched "
+                    "for edits", top, most, most)
 
 
 class CodeWatch:
@@ -125,8 +158,13 @@ class CodeWatch:
             self._polled[codedir] = snapshot(codedir)
 
     def _add_tree(self, top: str, codedir: str) -> None:
-        for path, dirs, _ in os.walk(top, followlinks=True):
-            dirs[:] = [d for d in dirs if not ignored(d)]
+        """Watch `top` and what is under it, a directory of `codedir` (the whole tree again when
+        `top` is `codedir`: watches it has already are the same watches)."""
+        most = DIRS_MAX
+        if top != codedir:   # a new directory in the tree: what the tree has not used yet
+            with self._lock:
+                most -= sum(1 for _, owner in self._wds.values() if owner == codedir)
+        for path, _, _ in _walk(top, most):
             self._add(path, codedir)
 
     def _add(self, path: str, codedir: Optional[str]) -> None:
