@@ -230,6 +230,8 @@ class Daemon:
         who = self._users[function.name]
         spawner = Spawner(self._rundir.home(function, who, self._cgroups), self._fdwatch, self._template,
                           self.calls.handle)
+        spawner.call_max = max([f.instance.message_max for f in self.config.functions]
+                               + [function.instance.message_max])
         key = self._packages.key(function, who)   # None: no requirements.txt
         installed = self._packages.installed(key)
         install = key is not None and installed is None

@@ -66,7 +66,8 @@ class Invocation:
     Both are called on the data plane's loop."""
 
     __slots__ = ("request_id", "topic", "qos", "payload", "timestamp_ms", "mid", "done", "abandon",
-                 "context", "attempts", "solo", "extra", "slot", "reply", "expires")
+                 "context", "attempts", "solo", "extra", "slot", "reply", "expires", "until", "ends",
+                 "running_on")
 
     def __init__(self, request_id: str, topic: str, qos: int, payload: bytes, timestamp_ms: int,
                  mid: int, done: Callable[["Invocation", Outcome], None],
@@ -86,3 +87,8 @@ class Invocation:
         self.slot = -1      # its slot in the in-flight journal, -1 for none
         self.reply: Any = None    # MQTT 5: (response topic, correlation data) of a request
         self.expires = 0.0        # MQTT 5: when (monotonic) it expires unrun; 0 for never
+        # A call of one function to another (context.invoke): when (monotonic) its caller's
+        # invocation runs out of time, 0 for none; it is stopped then at the latest.
+        self.until = 0.0
+        self.ends: Optional[list] = None   # what runs when it ends: ending its own calls
+        self.running_on: Any = None        # the instance running it, while one does

@@ -129,9 +129,7 @@ class Worker:
                 if not batch:
                     return True
                 break
-        instance.deadline = started + pool.timeout   # before BUSY: the deadline check reads both
-        instance.output.request_id = batch[0].request_id   # for output the runtime did not mark
-        instance.lifecycle.to(State.BUSY)
+        deadline = started + pool.timeout
         message = pb.InvokeBatch()
         add = message.requests.add   # built in place: a list of requests would be copied again
         timeout_ms = pool.timeout_ms
@@ -139,11 +137,21 @@ class Worker:
             add(request_id=invocation.request_id, topic=invocation.topic, qos=invocation.qos,
                 payload=invocation.payload, timestamp_ms=invocation.timestamp_ms,
                 timeout_ms=timeout_ms, message_id=invocation.mid, **(invocation.extra or _NO_FIELDS))
+            if invocation.until:   # a call: it ends with its caller at the latest
+                invocation.running_on = instance
+                if invocation.until < deadline:
+                    deadline = invocation.until
+        instance.deadline = deadline   # before BUSY: the deadline check reads both
+        instance.running = batch
+        instance.output.request_id = batch[0].request_id   # for output the runtime did not mark
+        instance.lifecycle.to(State.BUSY)
         try:
             responses = await instance.invoke(message)
         except StreamBroken:
+            self._ended(batch)
             await self._failed(batch, time.monotonic() - started)
             return False
+        self._ended(batch)
         instance.lifecycle.to(State.IDLE)
         summaries = summary_log.isEnabledFor(logging.INFO)
         observe = pool.observe
@@ -159,6 +167,17 @@ class Worker:
                     observe(outcome, seconds)
             invocation.done(invocation, response)
         return True
+
+    def _ended(self, batch: List[Invocation]) -> None:
+        """The batch is over on this instance: the calls it made end with it."""
+        self.instance.running = ()
+        for invocation in batch:
+            invocation.running_on = None
+            ends = invocation.ends
+            if ends:
+                invocation.ends = None
+                for end in ends:
+                    end()
 
     @staticmethod
     def _unexpired(batch: List[Invocation], now: float) -> List[Invocation]:
@@ -203,6 +222,10 @@ class Worker:
                 f"instance {instance.id} used {instance.memory_exceeded >> 20} MB, over its "
                 f"limit of {limits.memory >> 20} MB, and was killed"), instance.memory_exceeded
         if instance.timed_out:
+            if invocation.until and invocation.until <= instance.deadline:
+                return FunctionTimeout(
+                    f"function {self.pool.function.name} was called by an invocation that ended (or ran "
+                    f"out of time) before it; instance {instance.id} was killed"), 0
             return FunctionTimeout(
                 f"function {self.pool.function.name} timed out after {limits.timeout:g}s; "
                 f"instance {instance.id} was killed"), 0

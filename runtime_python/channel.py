@@ -1,22 +1,29 @@
 """The instance's own channel to the supervisor: its status socket, an inherited descriptor.
 
-JSON lines both ways. The supervisor sends the spec first; the runtime reports `loaded`, `ready` or
-`load_error`. After that the channel carries calls to other functions (`context.invoke`, the SDK's
-`Client()` inside a function): {"call": id, "function": ..., "body": base64, ...} out, and
-{"reply": id, "status": ..., "body": base64, ...} back, in the shape of the HTTP invoke API's
-answers. No TCP address and no token are needed: only the supervisor holds the other end. The
-channel is also the instance's lifeline: at its end of file the supervisor is gone.
+Frames both ways (wire.frame: a length, then a JSON object). The supervisor sends the spec first;
+the runtime reports `loaded`, `ready` or `load_error`. After that the channel carries calls to
+other functions (`context.invoke`, the SDK's `Client()` inside a function): {"call": id,
+"function": ..., "body": base64, ...} out, and {"reply": id, "status": ..., "body": base64, ...}
+back, in the shape of the HTTP invoke API's answers. No TCP address and no token are needed: only
+the supervisor holds the other end, and it knows which invocation the instance runs, so the call
+chain and the deadline of a call are its own, not what the runtime says. The channel is also the
+instance's lifeline: at its end of file the supervisor is gone.
+
+The channel belongs to the instance's process: a child the handler forks shares the socket but
+not the thread that reads the replies, so a call from a child fails at once (`ChildProcessError`)
+instead of waiting for a reply that its parent would read.
 """
 from __future__ import annotations
 
 import base64
 import itertools
 import json
+import os
 import socket
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
-from runtime_python.wire import CALL, REPLY
+from runtime_python.wire import CALL, LENGTH, REPLY, frame
 
 
 class Channel:
@@ -26,31 +33,51 @@ class Channel:
         self._ids = itertools.count(1)
         self._waiting: Dict[int, List[Any]] = {}    # call id -> [Event, reply]
         self._lock = threading.Lock()
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._pid = os.getpid()
+        self.call_max = 4 << 20   # the largest body of a call (the spec says)
         self.closed = False
 
     def fileno(self) -> int:
         return self._sock.fileno()
 
     def send(self, message: dict) -> None:
-        data = json.dumps(message).encode("utf-8") + b"\n"
+        data = frame(message)
         with self._send_lock:
             self._sock.sendall(data)
 
-    def read_line(self) -> Optional[dict]:
-        """The next message from the supervisor; None at end of file."""
-        while b"\n" not in self._buffer:
-            chunk = self._sock.recv(65536)
+    def _read(self, size: int) -> bool:
+        while len(self._buffer) < size:
+            chunk = self._sock.recv(max(65536, size - len(self._buffer)))
             if not chunk:
-                return None
+                return False
             self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return json.loads(line)
+        return True
+
+    def read_message(self) -> Optional[dict]:
+        """The next message from the supervisor; None at end of file."""
+        if not self._read(LENGTH.size):
+            return None
+        size = LENGTH.unpack_from(self._buffer)[0]
+        if not self._read(LENGTH.size + size):
+            return None
+        data = bytes(self._buffer[LENGTH.size:LENGTH.size + size])
+        del self._buffer[:LENGTH.size + size]
+        return json.loads(data)
 
     def call(self, function: str, body: bytes, headers: Dict[str, str], query: Dict[str, str],
              timeout: Optional[float]) -> "tuple[int, Dict[str, str], bytes]":
         """Ask the supervisor to run `function`; (status, headers, body) as the HTTP API answers.
-        Raises TimeoutError, or ConnectionError when the supervisor is gone."""
+        Raises TimeoutError, ConnectionError when the supervisor is gone, ValueError for a body
+        over the largest a call carries, ChildProcessError in a process the handler forked."""
+        if os.getpid() != self._pid:
+            raise ChildProcessError(
+                f"context.invoke works in the instance's own process (pid {self._pid}), not in a "
+                f"process it started (pid {os.getpid()}): call it from the handler, or pass the "
+                "result to the child")
+        if len(body) > self.call_max:
+            raise ValueError(f"the call's body of {len(body)} bytes is over the {self.call_max} bytes "
+                             "a call carries (the largest instance.message.length.max)")
         call_id = next(self._ids)
         waiter = [threading.Event(), None]
         with self._lock:
@@ -76,7 +103,7 @@ class Channel:
         """Read replies until end of file, then `on_end()` (in the lifeline thread)."""
         try:
             while True:
-                message = self.read_line()
+                message = self.read_message()
                 if message is None:
                     break
                 if REPLY in message:

@@ -119,6 +119,10 @@ class Client:
                                   f"calling {function_name}") from None
             except ConnectionError as exc:
                 raise InvokeError("ConnectionError", f"cannot reach the daemon: {exc}") from None
+            except ChildProcessError as exc:
+                raise InvokeError("NotTheInstance", str(exc)) from None
+            except ValueError as exc:
+                raise InvokeError("MessageTooLarge", str(exc)) from None
         else:
             status, reply_headers, payload = self._request("POST", path, body, headers, timeout)
         if status == 204:

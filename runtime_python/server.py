@@ -205,7 +205,7 @@ def read_spec(status: Optional[Channel]) -> Dict[str, Any]:
     if status is None:
         return {}
     try:
-        message = status.read_line()
+        message = status.read_message()
     except OSError:
         message = None
     if message is None:
@@ -224,6 +224,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         status = Channel(sock)
         channel.install(status)     # context.invoke asks the supervisor over it
     spec = read_spec(status)
+    if status is not None:
+        status.call_max = int(spec.pop("call_max", status.call_max))
     _start_arguments(args, spec.pop("start", {}))
     process = spec.pop("process", {})
     if args.forked:

@@ -1,12 +1,16 @@
-"""What the supervisor and the runtime must agree on, beyond function.proto. Depends on nothing:
-the supervisor imports this module, never the runtime's server.
+"""What the supervisor and the runtime must agree on, beyond function.proto. Depends on nothing
+but the standard library: the supervisor imports this module, never the runtime's server.
 
-The status socket carries JSON lines, each an object whose one key says what it is: the
-supervisor sends SPEC first; the runtime answers LOADED (the handler imported), READY (the
+The status socket carries frames: a 4-byte big-endian length, then that many bytes of a JSON
+object (`frame()`; frames of any size alike, and one never runs into the next). The object's one
+key says what it is: the supervisor sends SPEC first; the runtime answers LOADED (the handler imported), READY (the
 initializer ran, the server accepts calls) or LOAD_ERROR (then exits with EXIT_LOAD_ERROR).
 After that, CALL goes out (context.invoke) and REPLY comes back. The template's control socket
 answers a fork request with PID or ERROR, after a TEMPLATE_READY greeting.
 """
+
+import json
+import struct
 
 # gRPC metadata: the instance's key, which the supervisor alone holds.
 KEY_HEADER = "x-openedge-key"
@@ -21,6 +25,21 @@ READY = "ready"
 LOAD_ERROR = "load_error"
 CALL = "call"
 REPLY = "reply"
+
+# The status socket's framing, and the largest frame the supervisor reads from an instance: a
+# call's body travels base64-encoded, so a frame of `frame_max(call_max)` carries a body of up to
+# `call_max` bytes (the largest instance.message.length.max), with room for the rest.
+LENGTH = struct.Struct(">I")
+
+
+def frame(message: dict) -> bytes:
+    data = json.dumps(message, separators=(",", ":")).encode("utf-8")
+    return LENGTH.pack(len(data)) + data
+
+
+def frame_max(call_max: int) -> int:
+    return (call_max + 2) // 3 * 4 + (64 << 10)
+
 
 # The template's control socket.
 TEMPLATE_READY = "ready"

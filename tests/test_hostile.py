@@ -181,3 +181,118 @@ VERSION = {v}
 def handler(event, context):
     return {{"v": VERSION}}
 '''
+
+
+CALLS = '''
+import json, os, time
+from runtime_python import channel
+from runtime_python.sdk import InvokeError
+
+def size(event, context):
+    return len(event)
+
+def blob(event, context):
+    return "y" * event
+
+def caller(event, context):
+    what = event["what"]
+    try:
+        if what == "big-in":
+            return {"got": context.invoke("size", "x" * 100_000)}
+        if what == "big-out":
+            return {"got": len(context.invoke("blob", 600_000))}
+        if what == "over":
+            return {"got": context.invoke("size", "x" * (5 << 20))}
+        if what == "child":
+            started = time.monotonic()
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    result = {"got": context.invoke("size", "abc")}
+                except InvokeError as exc:
+                    result = {"code": exc.code, "message": exc.message}
+                os.write(w, json.dumps(result).encode())
+                os._exit(0)
+            os.close(w)
+            os.waitpid(pid, 0)
+            result = json.loads(os.read(r, 65536))
+            result["seconds"] = time.monotonic() - started
+            return result
+    except InvokeError as exc:
+        return {"code": exc.code, "message": exc.message}
+
+def rec(event, context):
+    # Calls itself over the raw channel, without the chain and deadline headers the SDK sends.
+    with open(os.path.join(event["dir"], "gen-%d" % event["gen"]), "w"):
+        pass
+    status, headers, body = channel.current().call(
+        "rec", json.dumps({"dir": event["dir"], "gen": event["gen"] + 1}).encode(), {}, {}, None)
+    return {"gen": event["gen"], "status": status, "below": json.loads(body)}
+
+def parent(event, context):
+    return context.invoke("slow", event)
+
+def slow(event, context):
+    open(os.path.join(event["dir"], "slow-started"), "w").close()
+    time.sleep(15)
+    open(os.path.join(event["dir"], "slow-finished"), "w").close()
+'''
+
+
+def test_calls_between_functions_carry_any_size_and_a_forked_child_fails_at_once(
+        broker, daemon_factory, collector):
+    """A 100 KB event once timed out (the channel cut lines at 16 KB and logged 1.4 MB per call);
+    a 600 KB result timed out and broke the channel for the next call; a handler's child waited
+    its whole timeout for a reply its parent read."""
+    daemon = daemon_factory(
+        [function("caller", "calls.caller", instance={"timeout": "20s", "max": 1}),
+         function("size", "calls.size"), function("blob", "calls.blob")],
+        [rule("c", "c/in", "caller", "c/out")], files={"fn/calls.py": CALLS})
+
+    def call(what: str) -> dict:
+        before = len(collector.on("c/out"))
+        publish(broker, "c/in", json.dumps({"what": what}).encode())
+        return json.loads(wait_until(lambda: collector.on("c/out")[before:], 30,
+                                     message=f"the caller's answer to {what}")[0].payload)
+
+    assert call("big-in") == {"got": 100_000}
+    assert call("big-out") == {"got": 600_000}
+    assert call("big-out") == {"got": 600_000}, "the call after a large result failed"
+    assert call("big-in") == {"got": 100_000}
+    over = call("over")
+    assert over["code"] == "MessageTooLarge" and "bytes" in over["message"], over
+    child = call("child")
+    assert child["code"] == "NotTheInstance" and child["seconds"] < 5, child
+    log = daemon.log()
+    assert "unreadable" not in log and len(log) < 1 << 20, "the channel wrote its traffic to the log"
+    assert "caller-1: stopped" not in log, "the caller's instance was lost on the way"
+
+
+def test_the_supervisor_sets_the_call_chain_and_a_calls_children_end_with_it(
+        broker, daemon_factory, collector, writable_tmp):
+    """A handler that called the channel without the chain and deadline headers recursed past the
+    deadlock guard, and generations kept running after its caller gave up."""
+    daemon = daemon_factory(
+        [function("rec", "calls.rec", instance={"timeout": "8s", "max": 3}),
+         function("parent", "calls.parent", instance={"timeout": "2s"}),
+         function("slow", "calls.slow", instance={"timeout": "30s"})],
+        [rule("r", "r/in", "rec", "r/out", error={"topic": "r/err", "qos": 1}),
+         rule("p", "p/in", "parent", "p/out", error={"topic": "p/err", "qos": 1})],
+        files={"fn/calls.py": CALLS})
+    started = time.monotonic()
+    publish(broker, "r/in", json.dumps({"dir": str(writable_tmp), "gen": 1}).encode())
+    answer = json.loads(wait_until(lambda: collector.on("r/out") or collector.on("r/err"), 30)[0].payload)
+    assert time.monotonic() - started < 6, "the recursion ran into its timeout"
+    generations = sorted(name for name in os.listdir(writable_tmp) if name.startswith("gen-"))
+    assert generations == ["gen-1", "gen-2", "gen-3"], generations
+    # The third generation's call would need a fourth instance its callers hold: refused at once.
+    assert answer["below"]["below"]["status"] == 508, answer
+
+    publish(broker, "p/in", json.dumps({"dir": str(writable_tmp)}).encode())
+    wait_until(lambda: os.path.exists(writable_tmp / "slow-started"), 20)
+    wait_until(lambda: collector.on("p/out") or collector.on("p/err"), 20)
+    # The caller has given up: its call is stopped, well before slow's own 30 s.
+    wait_until(lambda: "called by parent" in daemon.log() and "outcome FunctionTimeout" in daemon.log(), 10)
+    time.sleep(1)
+    assert not os.path.exists(writable_tmp / "slow-finished")

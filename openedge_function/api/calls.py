@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from runtime_python.sdk import CHAIN_HEADER, DEADLINE_HEADER, REQUEST_ID_HEADER
+from runtime_python.sdk import REQUEST_ID_HEADER
 
 from ..config import Function
 from ..dataplane import DataPlane
@@ -109,11 +109,23 @@ class Calls:
         self.plane = plane
         self._pools = pools
 
-    def handle(self, message: Dict[str, Any], reply: Callable[[Dict[str, Any]], None]) -> None:
-        """A call from an instance (any thread); `reply` sends the answer back to it."""
-        self.plane.call(self._start, message, reply)
+    def handle(self, message: Dict[str, Any], reply: Callable[[Dict[str, Any]], None], caller: Any) -> None:
+        """A call from instance `caller` (any thread); `reply` sends the answer back to it."""
+        self.plane.call(self._start, message, reply, caller)
 
-    def _start(self, message: Dict[str, Any], reply: Callable[[Dict[str, Any]], None]) -> None:
+    @staticmethod
+    def _parent(caller: Any) -> Tuple[List[str], Optional[float], Optional[Invocation]]:
+        """What the caller runs, as the supervisor knows it (never what the runtime says): the
+        call chain (its function after the chain of the invocation it runs), when that invocation
+        runs out of time (monotonic; None when it runs none) and the invocation."""
+        running = getattr(caller, "running", ())
+        if not running:   # a thread of its own, after the handler returned: a call of its own
+            return [caller.function.name] if caller is not None else [], None, None
+        parent = max(running, key=lambda invocation: len((invocation.extra or {}).get("call_chain", ())))
+        chain = list((parent.extra or {}).get("call_chain", ())) + [caller.function.name]
+        return chain, caller.deadline, parent
+
+    def _start(self, message: Dict[str, Any], reply: Callable[[Dict[str, Any]], None], caller: Any) -> None:
         request_id = new_request_id()
         name = str(message.get("function", ""))
 
@@ -134,8 +146,10 @@ class Calls:
                 raise Refused("NotAnEventFunction", f"function {name!r} is an HTTP function")
             body = base64.b64decode(message.get("body", ""))
             check_size(function, len(body))
-            chain = chain_of(headers.get(CHAIN_HEADER.lower(), ""))
-            wait = wait_of(headers.get(DEADLINE_HEADER.lower(), ""))
+            chain, until, parent = self._parent(caller)
+            wait = None if until is None else until - time.monotonic()
+            if wait is not None and wait <= 0:
+                raise Refused("InvokeTimeout", "the calling invocation has run out of time")
         except Refused as refused:
             answer(*error_answer(refused, request_id, name))
             return
@@ -143,8 +157,10 @@ class Calls:
             answer(*error_answer(Refused("BadRequest", f"unreadable call: {exc}"), request_id, name))
             return
         timer: List[Any] = []
+        finished: List[bool] = []
 
         def done(invocation: Invocation, outcome: Any) -> None:
+            finished.append(True)
             for handle in timer:
                 handle.cancel()
             answer(*event_answer(outcome, request_id, name))
@@ -161,6 +177,25 @@ class Calls:
         except Refused as refused:
             answer(*error_answer(refused, request_id, name))
             return
+        if parent is not None and until is not None:
+            invocation.until = until
+
+            def end() -> None:   # the caller's invocation ended: so does this call
+                if finished:
+                    return
+                invocation.until = time.monotonic()
+                if pool.withdraw(invocation):
+                    done(invocation, Refused("InvokeTimeout", "the calling invocation ended first"))
+                elif invocation.running_on is not None:
+                    running_on = invocation.running_on
+                    running_on.deadline = min(running_on.deadline, invocation.until)
+                else:
+                    return
+                log.info("function %s: request %s, called by %s (request %s), is stopped: the calling "
+                         "invocation ended", name, request_id, chain[-1], parent.request_id)
+            if parent.ends is None:
+                parent.ends = []
+            parent.ends.append(end)
         if wait is not None:
             def expire() -> None:
                 timer.clear()

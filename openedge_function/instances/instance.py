@@ -19,7 +19,9 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+from runtime_python.wire import frame_max
 
 from ..config import Function
 from ..errors import FunctionLoadError, InstanceCrashed
@@ -44,7 +46,8 @@ class Instance:
 
     def __init__(self, function: Function, seq: int, sandbox: Sandbox, fdwatch: FdWatcher,
                  on_lost: Callable[["Instance"], None], template: Optional[Template] = None,
-                 paths: Tuple[str, ...] = (), on_call: Optional[OnCall] = None) -> None:
+                 paths: Tuple[str, ...] = (), on_call: Optional[OnCall] = None,
+                 call_max: int = 4 << 20) -> None:
         self.function = function
         self._template = template
         self.paths = paths   # the function's own packages: after its code directory on sys.path
@@ -57,13 +60,15 @@ class Instance:
         self.socket_path = os.path.join(sandbox.path, f"{self._serial}.sock")
         self.cgroup: Optional[Group] = None
         self._key = secrets.token_hex(16)   # the instance serves only calls that carry it
-        self.status = StatusSocket(self.id, on_call, lambda: on_lost(self))
+        self._call_max = call_max   # the largest body of a call it makes (context.invoke)
+        self.status = StatusSocket(self.id, on_call, lambda: on_lost(self), self, frame_max(call_max))
         self.output = HandlerOutput(function.name, self.id, function.log_max)
         self._fdwatch = fdwatch
         self.stream = Stream(self.id, self.socket_path, self._key)
         self.process: Any = None   # a subprocess.Popen or a ForkedProcess
         self.memory_exceeded: Optional[int] = None   # RSS that got it killed
         self.deadline = 0.0            # when the invocation in progress runs out of time
+        self.running: Sequence[Any] = ()   # the invocations in progress (a batch), for its calls
         self.timed_out = False
 
     @property
@@ -133,7 +138,8 @@ class Instance:
                 log.warning("instance %s: cannot pin to CPUs %s: %s", self.id, limits.cpus, exc)
         # From here on the fd watcher owns these descriptors and closes them at end-of-file.
         self.status.attach(ours, self._fdwatch, start_spec(
-            fn, self.id, sandbox.who, env, self._key, self.paths, self.socket_path, self.cgroup is not None))
+            fn, self.id, sandbox.who, env, self._key, self.paths, self.socket_path, self.cgroup is not None,
+            self._call_max))
         self.output.attach(self._fdwatch, out_r, err_r)
         self._wait_ready(ready_timeout)
 

@@ -27,8 +27,10 @@ class Spawner:
         self.template = template
         self.on_call = on_call   # answers context.invoke: the daemon's Calls
         self.paths: Tuple[str, ...] = ()   # the function's own packages, on its instances' sys.path
+        self.call_max = 4 << 20   # the largest body of a call its instances make: the daemon's
+        #   largest instance.message.length.max
 
     def instance(self, function: Function, seq: int, on_lost: Callable[[Instance], None]) -> Instance:
         """A new instance (not yet started)."""
         return Instance(function, seq, self.sandbox, self.fdwatch, on_lost, self.template, self.paths,
-                        self.on_call)
+                        self.on_call, self.call_max)
