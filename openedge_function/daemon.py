@@ -143,7 +143,7 @@ class Daemon:
         self.handover = Handover(self, CodeWatch(self._fdwatch))
         self._packages.prune({key for key in (self._packages.key(f, self._users[f.name])
                                               for f in self.config.functions) if key})
-        self._installer = Installer(self._packages)
+        self._installer = Installer(self._packages, self._cgroups)
         self.plane.start()
         # Instances are forks of a template that has imported the runtime already; they come back
         # to us as children only if we are a subreaper.
@@ -164,9 +164,9 @@ class Daemon:
             if self._template is not None:
                 self._template.close()
                 reap_orphans()
-            self.plane.stop()
             if self._installer is not None:
                 self._installer.close()
+            self.plane.stop()
             if self.handover is not None:
                 self.handover.close()
             if self._fdwatch is not None:

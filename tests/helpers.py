@@ -1,6 +1,8 @@
 """Test helpers: a real mosquitto, a real daemon, a real MQTT client. No mocks."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import shutil
 import signal
@@ -10,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+import zipfile
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import paho.mqtt.client as mqtt
@@ -293,3 +296,23 @@ def alive(pids: Sequence[int]) -> List[int]:
         except psutil.NoSuchProcess:
             pass
     return result
+
+
+def make_wheel(directory: str, name: str, version: str, source: str) -> str:
+    """A pure-Python wheel file, built by hand (no build backend needed offline)."""
+    os.makedirs(directory, exist_ok=True)
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{name}.py": source.encode(),
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+             f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(data)}")
+    record.append(f"{dist}/RECORD,,")
+    path = os.path.join(directory, f"{name}-{version}-py3-none-any.whl")
+    with zipfile.ZipFile(path, "w") as wheel:
+        for name_in, data in files.items():
+            wheel.writestr(name_in, data)
+        wheel.writestr(f"{dist}/RECORD", "\n".join(record) + "\n")
+    return path

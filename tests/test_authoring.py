@@ -3,7 +3,6 @@ interpreter, local runs, new functions and --check."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import re
@@ -13,12 +12,11 @@ import sys
 import sysconfig
 import threading
 import time
-import zipfile
 from typing import Any, Dict, List, Optional
 
 import yaml
 
-from tests.helpers import (Collector, free_port, function, publish, rule, wait_until,
+from tests.helpers import (Collector, free_port, function, make_wheel, publish, rule, wait_until,
                            write_handler)
 
 VERSIONED = """
@@ -152,26 +150,6 @@ def test_a_burst_of_writes_is_one_replacement_and_watch_false_turns_it_off(broke
 
 # -- per-function packages --------------------------------------------------------------------------
 
-def _wheel(directory: str, name: str, version: str, source: str) -> str:
-    """A pure-Python wheel file, built by hand (no build backend needed offline)."""
-    os.makedirs(directory, exist_ok=True)
-    dist = f"{name}-{version}.dist-info"
-    files = {f"{name}.py": source.encode(),
-             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
-             f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
-    record = []
-    for path, data in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record.append(f"{path},sha256={digest},{len(data)}")
-    record.append(f"{dist}/RECORD,,")
-    path = os.path.join(directory, f"{name}-{version}-py3-none-any.whl")
-    with zipfile.ZipFile(path, "w") as wheel:
-        for name_in, data in files.items():
-            wheel.writestr(name_in, data)
-        wheel.writestr(f"{dist}/RECORD", "\n".join(record) + "\n")
-    return path
-
-
 PACKAGE_REPORT = """
 import sys
 
@@ -223,7 +201,7 @@ def test_requirements_are_installed_for_the_function_alone_once_and_cached(broke
 
 def test_an_offline_wheel_directory_and_a_failed_install(tmp_path, broker, daemon_factory, collector):
     wheels = str(tmp_path / "wheels")
-    _wheel(wheels, "offlinepkg", "1.0", "__version__ = '1.0'\n")
+    make_wheel(wheels, "offlinepkg", "1.0", "__version__ = '1.0'\n")
     os.chmod(tmp_path / "wheels", 0o755)
     files = {"a/h.py": PACKAGE_REPORT.format(module="offlinepkg"), "a/requirements.txt": "offlinepkg==1.0\n",
              "b/h.py": PACKAGE_REPORT.format(module="offlinepkg"), "b/requirements.txt": "offlinepkg==2.0\n"}

@@ -8,7 +8,7 @@ import os
 import signal
 import time
 
-from tests.helpers import Collector, V5Client, function, publish, rule, wait_until
+from tests.helpers import Collector, V5Client, alive, function, make_wheel, publish, rule, wait_until
 
 ECHO = '''
 def handler(event, context):
@@ -296,3 +296,96 @@ def test_the_supervisor_sets_the_call_chain_and_a_calls_children_end_with_it(
     wait_until(lambda: "called by parent" in daemon.log() and "outcome FunctionTimeout" in daemon.log(), 10)
     time.sleep(1)
     assert not os.path.exists(writable_tmp / "slow-finished")
+
+
+BACKEND = '''
+import os, signal, time
+MARKS = {marks!r}
+HOG = {hog!r}
+
+# Runs when pip imports the build backend, as a hostile package's build would.
+pid = os.fork()
+if pid == 0:   # a double fork: a grandchild in a session of its own, holding pip's output
+    os.setsid()
+    if os.fork() == 0:
+        with open(os.path.join(MARKS, "{name}-orphan.pid"), "w") as fh:
+            fh.write(str(os.getpid()))
+        time.sleep(300)
+    os._exit(0)
+os.waitpid(pid, 0)
+if HOG:
+    open(os.path.join(MARKS, "hog-start"), "w").close()
+    block = bytearray(400 << 20)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    open(os.path.join(MARKS, "hog-done"), "w").close()
+else:
+    time.sleep(300)   # a build that never ends
+
+def build_wheel(*args, **kwargs):
+    raise RuntimeError("never built")
+'''
+
+PYPROJECT = '''
+[build-system]
+requires = []
+build-backend = "backend"
+backend-path = ["."]
+'''
+
+
+def _orphan(marks, name: str) -> int:
+    path = os.path.join(marks, f"{name}-orphan.pid")
+    wait_until(lambda: os.path.exists(path) and open(path).read(), 60, message=f"{name}'s grandchild")
+    with open(path) as fh:
+        return int(fh.read())
+
+
+def test_what_a_package_runs_at_install_time_is_bounded_and_killed(
+        tmp_path, broker, daemon_factory, collector, writable_tmp):
+    """A build backend allocated 400 MB under memory: 128m and double-forked a child that outlived
+    the daemon; a pip that kept its output open held the one installer thread, and another
+    function's install waited behind it."""
+    wheels = str(tmp_path / "wheels")
+    make_wheel(wheels, "goodpkg", "1.0", "__version__ = '1.0'\n")
+    os.chmod(tmp_path / "wheels", 0o755)
+    files = {"good/h.py": "import goodpkg\ndef handler(event, context):\n    return goodpkg.__version__\n"}
+    for name, hog in (("stuck", False), ("hog", True)):
+        files[f"{name}/h.py"] = ECHO
+        files[f"{name}/requirements.txt"] = f"./{name}pkg\n"
+        files[f"{name}/{name}pkg/pyproject.toml"] = PYPROJECT
+        files[f"{name}/{name}pkg/backend.py"] = BACKEND.format(marks=str(writable_tmp), hog=hog, name=name)
+    files["good/requirements.txt"] = "goodpkg==1.0\n"
+    started = time.monotonic()
+    daemon = daemon_factory(
+        [function("stuck", "h.handler", codedir="stuck"),
+         function("hog", "h.handler", codedir="hog", instance={"memory": "128m"}),
+         function("good", "h.handler", codedir="good")],
+        [rule(name, f"{name}/in", name, f"{name}/out", error={"topic": f"{name}/err", "qos": 1})
+         for name in ("stuck", "hog", "good")],
+        files=files, packages={"findlinks": [wheels], "index": False, "timeout": "12s"})
+    publish(broker, "good/in", b"{}")
+    wait_until(lambda: collector.on("good/out"), 60, message="the good function's answer")
+    assert time.monotonic() - started < 11, "an install waited behind another"
+    assert json.loads(collector.on("good/out")[0].payload) == "1.0"
+
+    stuck, hog = _orphan(writable_tmp, "stuck"), _orphan(writable_tmp, "hog")
+    publish(broker, "hog/in", b"{}")
+    envelope = json.loads(wait_until(lambda: collector.on("hog/err"), 60)[0].payload)
+    assert envelope["errorType"] == "FunctionLoadError", envelope
+    assert os.path.exists(writable_tmp / "hog-start") and not os.path.exists(writable_tmp / "hog-done"), \
+        "the build backend used 400 MB under a limit of 128 MB"
+    wait_until(lambda: not alive([hog]), 10, message="the hog's grandchild to be killed with its install")
+
+    publish(broker, "stuck/in", b"{}")
+    envelope = json.loads(wait_until(lambda: collector.on("stuck/err"), 60)[0].payload)
+    assert "did not finish within 12s" in envelope["errorMessage"], envelope
+    wait_until(lambda: not alive([stuck]), 10, message="the stuck build's grandchild to be killed")
+
+    # An install that still runs when the daemon stops is killed with everything it started.
+    os.remove(writable_tmp / "stuck-orphan.pid")
+    with open(os.path.join(daemon.directory, "stuck", "requirements.txt"), "a") as fh:
+        fh.write("# again\n")
+    again = _orphan(writable_tmp, "stuck")
+    daemon.stop()
+    wait_until(lambda: not alive([again]), 10, message="the install's grandchild to go with the daemon")

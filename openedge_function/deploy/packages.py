@@ -7,9 +7,15 @@ instances find it on their sys.path after the code directory and before the daem
 packages (a function whose packages the template has imported already starts as a new
 interpreter, so the function's pinned version is the one it imports).
 
-pip runs as the function's user, off the message path (one installer thread), with the function's
-code directory as its working directory, so a `--find-links wheels` line in the file means the
-code directory's `wheels/`. Once installed, a directory belongs to the daemon and the function's
+pip runs as the function's user, off the message path (a thread per install: one function's
+install never waits for another's), with the function's code directory as its working directory,
+so a `--find-links wheels` line in the file means the code directory's `wheels/`. What pip runs
+(a package's build backend too) is bounded as the function's instances are: in a control group of
+its own with the function's memory and pids limits (without groups: the address-space rlimit
+for memory), before pip starts. At the end of the install, at `packages.timeout` and when the
+daemon stops, everything in that group (without groups: pip's process group) is killed, so
+nothing an install started outlives it; pip's output goes to files, so a process that holds
+them open cannot hold the install. Once installed, a directory belongs to the daemon and the function's
 group may only read it. Directories no function of the configuration uses are removed at start.
 """
 from __future__ import annotations
@@ -17,23 +23,45 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import queue
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from typing import Callable, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Optional, Set
 
 from ..config import Function, Packages
-from ..instances.environment import base_environment
+from ..instances.environment import RUNTIME_TASKS, base_environment
 from ..errors import FunctionLoadError
-from ..isolation import RunAs, current
+from ..isolation import Cgroups, Group, RunAs, current
 
 log = logging.getLogger("openedge_function.packages")
 
 REQUIREMENTS = "requirements.txt"
 _TAIL = 4000   # characters of pip's output kept for the error
+_SERIAL = iter(range(1, 1 << 62))
+
+# Run as the function's user, before pip: wait until the daemon has put this process in its
+# control group (a byte on stdin), die with the daemon, no new privileges, no core dumps, the
+# address-space limit where no group bounds memory; then become pip.
+_GATE = """
+import ctypes, os, resource, sys
+os.read(0, 1)
+null = os.open(os.devnull, os.O_RDONLY)
+os.dup2(null, 0)
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(1, 9, 0, 0, 0)
+libc.prctl(38, 1, 0, 0, 0)
+if os.getppid() == 1:
+    os._exit(1)
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+limit = int(sys.argv[1])
+if limit:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
 
 def requirements_of(function: Function) -> Optional[str]:
@@ -72,9 +100,11 @@ class PackageCache:
         path = os.path.join(self.root, key)
         return path if os.path.isdir(path) else None
 
-    def install(self, function: Function, who: RunAs) -> Optional[str]:
+    def install(self, function: Function, who: RunAs, cgroups: Optional[Cgroups] = None,
+                running: Optional[Dict[Any, Callable[[], None]]] = None) -> Optional[str]:
         """Install `function`'s requirements unless they are installed; their directory (None
-        without a requirements.txt). Blocks for as long as pip runs. Raises FunctionLoadError
+        without a requirements.txt). Blocks for as long as pip runs, in a group of `cgroups`
+        when given; `running` holds a way to kill it while it does. Raises FunctionLoadError
         carrying pip's own error line."""
         key = self.key(function, who)
         if key is None:
@@ -110,20 +140,16 @@ class PackageCache:
         log.info("function %s: installing %s as %s", function.name,
                  os.path.join(function.codedir, REQUIREMENTS), who)
         try:
-            try:
-                done = subprocess.run(command, cwd=function.codedir, env=env, stdin=subprocess.DEVNULL,
-                                      capture_output=True, text=True, errors="replace",
-                                      timeout=settings.timeout, **who.popen())
-            except subprocess.TimeoutExpired:
+            returncode, stdout, stderr = _bounded_run(function, who, command, env, settings.timeout,
+                                                      cgroups, running if running is not None else {})
+            if returncode is None:
                 raise FunctionLoadError(f"{REQUIREMENTS} of function {function.name}: pip did not "
-                                        f"finish within {settings.timeout:g}s (packages.timeout)") from None
-            except OSError as exc:
-                raise FunctionLoadError(f"{REQUIREMENTS} of function {function.name}: cannot run "
-                                        f"{python} -m pip: {exc.strerror or exc}") from None
-            if done.returncode != 0:
+                                        f"finish within {settings.timeout:g}s (packages.timeout); "
+                                        "what it ran was killed")
+            if returncode != 0:
                 raise FunctionLoadError(f"{REQUIREMENTS} of function {function.name} does not "
-                                        f"install: {pip_error(done.stderr, done.stdout)}",
-                                        (done.stderr or done.stdout)[-_TAIL:].splitlines())
+                                        f"install: {pip_error(stderr, stdout)}",
+                                        (stderr or stdout)[-_TAIL:].splitlines())
             self._seal(staging, who)
             try:
                 os.rename(staging, final)
@@ -177,6 +203,66 @@ class PackageCache:
                 shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
 
 
+def _bounded_run(function: Function, who: RunAs, command: list, env: Dict[str, str], timeout: float,
+                 cgroups: Optional[Cgroups], running: Dict[Any, Callable[[], None]]
+                 ) -> "tuple[Optional[int], str, str]":
+    """Run `command` (pip) bounded as the function's instances are; (exit status or None at the
+    timeout, stdout, stderr). Everything it started is killed when it ends."""
+    limits = function.instance
+    group: Optional[Group] = None
+    if cgroups is not None:
+        try:
+            group = cgroups.group(f"install-{function.name}.{next(_SERIAL)}", limits.memory,
+                                  limits.pids + RUNTIME_TASKS, limits.cpu_share)
+        except OSError as exc:
+            log.warning("function %s: pip runs without a control group (%s)", function.name, exc)
+    address_space = 0 if group is not None or not limits.memory else limits.memory + (512 << 20)
+    python = function.python or sys.executable
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            process = subprocess.Popen(
+                [python, "-c", _GATE, str(address_space), python] + command[1:], cwd=function.codedir,
+                env=env, stdin=subprocess.PIPE, stdout=out, stderr=err, start_new_session=True,
+                **who.popen())
+        except OSError as exc:
+            if group is not None:
+                group.remove()
+            raise FunctionLoadError(f"{REQUIREMENTS} of function {function.name}: cannot run "
+                                    f"{python} -m pip: {exc.strerror or exc}") from None
+
+        def kill() -> None:
+            if group is not None:
+                group.remove()   # kills everything in it, double forks too
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+        running[process] = kill
+        try:
+            try:
+                if group is not None:
+                    group.add(process.pid)
+                assert process.stdin is not None
+                process.stdin.write(b"\0")
+                process.stdin.close()
+            except OSError as exc:
+                log.warning("function %s: pip could not be started bounded (%s)", function.name, exc)
+                kill()
+            try:
+                returncode: Optional[int] = process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                returncode = None
+        finally:
+            kill()
+            process.wait()
+            running.pop(process, None)
+        out.seek(0)
+        err.seek(0)
+        return (returncode, out.read(1 << 20).decode("utf-8", "replace"),
+                err.read(1 << 20).decode("utf-8", "replace"))
+
+
 def pip_error(*outputs: str) -> str:
     """pip's own error line: the last `ERROR:` line, else the last line it wrote."""
     lines = [line.strip() for output in outputs for line in (output or "").splitlines() if line.strip()]
@@ -185,35 +271,51 @@ def pip_error(*outputs: str) -> str:
 
 
 class Installer:
-    """One thread that installs requirements in turn, off the message path."""
+    """Installs requirements off the message path, each install in a thread of its own."""
 
-    def __init__(self, cache: PackageCache) -> None:
+    def __init__(self, cache: PackageCache, cgroups: Optional[Cgroups] = None) -> None:
         self.cache = cache
-        self._queue: "queue.Queue[Optional[Tuple[Function, RunAs, Callable[..., None]]]]" = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="packages", daemon=True)
-        self._thread.start()
+        self._cgroups = cgroups
+        self._running: Dict[Any, Callable[[], None]] = {}   # pip process -> what kills it
+        self._threads: Set[threading.Thread] = set()
+        self._lock = threading.Lock()
+        self._closed = False
 
     def submit(self, function: Function, who: RunAs,
                then: Callable[[Optional[str], Optional[FunctionLoadError]], None]) -> None:
         """Install `function`'s requirements, then call `then(directory, None)` or
-        `then(None, error)` from the installer's thread."""
-        self._queue.put((function, who, then))
-
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
+        `then(None, error)` from the install's thread."""
+        thread = threading.Thread(target=self._run, args=(function, who, then),
+                                  name=f"packages-{function.name}", daemon=True)
+        with self._lock:
+            if self._closed:
                 return
-            function, who, then = job
-            try:
-                path = self.cache.install(function, who)
-            except FunctionLoadError as exc:
-                then(None, exc)
-            except Exception as exc:   # a fault of ours: still an answer, never a held pool
-                log.exception("function %s: installing its requirements failed", function.name)
-                then(None, FunctionLoadError(f"{REQUIREMENTS} of function {function.name}: {exc}"))
-            else:
-                then(path, None)
+            self._threads.add(thread)
+        thread.start()
+
+    def _run(self, function: Function, who: RunAs,
+             then: Callable[[Optional[str], Optional[FunctionLoadError]], None]) -> None:
+        path: Optional[str] = None
+        error: Optional[FunctionLoadError] = None
+        try:
+            path = self.cache.install(function, who, self._cgroups, self._running)
+        except FunctionLoadError as exc:
+            error = exc
+        except Exception as exc:   # a fault of ours: still an answer, never a held pool
+            log.exception("function %s: installing its requirements failed", function.name)
+            error = FunctionLoadError(f"{REQUIREMENTS} of function {function.name}: {exc}")
+        with self._lock:
+            self._threads.discard(threading.current_thread())
+            if self._closed:
+                return   # the daemon is stopping: nobody waits for it
+        then(path, error)
 
     def close(self) -> None:
-        self._queue.put(None)
+        """Kill the installs that still run (everything they started), and wait for their threads."""
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        for kill in list(self._running.values()):
+            kill()
+        for thread in threads:
+            thread.join(5)
