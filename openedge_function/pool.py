@@ -344,6 +344,11 @@ class Pool:
         self._workers.discard(worker)
         if worker.retiring:
             self._retiring -= 1
+        if not self._workers and self.spawner.sandbox.who.own:   # what its user left in /tmp & co.
+            try:
+                self.plane.blocking(self.spawner.sandbox.sweep, self.function.name)
+            except RuntimeError:   # the control threads are gone: the daemon is stopping
+                self.spawner.sandbox.sweep(self.function.name)
         self._grow()
         if self._closed and not self._workers and self._tick is not None:
             self._tick.cancel()   # type: ignore[attr-defined]

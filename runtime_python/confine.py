@@ -7,6 +7,13 @@ instance started afresh (already that user), forbids new privileges (no setuid p
 itself undumpable (another process of the same user cannot read its memory or environment), and
 sets its rlimits: open files, no core dumps, and, where the kernel has no group for it, processes
 and address space. Problems the function's author can fix come back as LoadError.
+
+Still root, a fork also takes temporary directories of its own (spec `private_tmp`: their size),
+as systemd's PrivateTmp does for a service: a mount namespace of its own, with a size-limited tmpfs
+on /tmp, /var/tmp, /dev/shm and /run/lock. What it writes there is counted in its memory group and
+goes with its last process. What it needs from under those directories (its code, its socket and
+TMPDIR, the runtime's own packages) is bound back in at the same paths. `tmp_status` says how it
+went, for the supervisor's log.
 """
 from __future__ import annotations
 
@@ -53,9 +60,78 @@ def prctl(option: int, value: Any) -> bool:
         return False
 
 
-def confine(process: Dict[str, Any], codedir: str) -> None:
-    """Become the user the spec names, take its limits and enter `codedir`. Raises LoadError."""
+TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+_CLONE_NEWNS = 0x00020000
+_MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
+
+tmp_status = "shared: not set up"   # "private", or "shared: why not"
+
+
+def private_tmp(size: int, keep: Iterable[str]) -> str:
+    """A mount namespace with a tmpfs of `size` bytes on each of TMP_DIRS, and `keep` (paths
+    that must stay reachable) bound back in; "private", or why it could not be."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def mount(source: Any, target: Any, kind: Any, flags: int, data: Any) -> None:
+        if libc.mount(source, target, kind, flags, data) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mount {target!r}: {os.strerror(err)}")
+
+    if libc.unshare(_CLONE_NEWNS) != 0:
+        return f"shared: no mount namespace of its own ({os.strerror(ctypes.get_errno())})"
+    try:
+        mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None)   # nothing goes back to the machine
+    except OSError as exc:   # nothing is mounted yet: the namespace is the machine's view
+        return f"shared: {exc.strerror}"
+    try:
+        masked = [d for d in TMP_DIRS if os.path.isdir(d) and not os.path.islink(d)]
+        held = []
+        for path in sorted({os.path.realpath(p) for p in keep if p and os.path.exists(p)}):
+            if any(path == d or path.startswith(d + "/") for d in masked) and not any(
+                    path.startswith(kept + "/") for kept, _ in held):
+                held.append((path, os.open(path, os.O_PATH | os.O_CLOEXEC)))
+        for directory in masked:
+            mount(b"tmpfs", directory.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV,
+                  f"size={size},mode=1777".encode())
+        for path, fd in held:
+            is_dir = os.path.isdir(f"/proc/self/fd/{fd}")
+            _passable(path if is_dir else os.path.dirname(path))
+            if not is_dir:
+                open(path, "a").close()
+            mount(f"/proc/self/fd/{fd}".encode(), path.encode(), None, _MS_BIND | _MS_REC, None)
+            os.close(fd)
+    except OSError as exc:
+        # Half done is not done: the process cannot go on in a namespace it cannot trust.
+        raise LoadError(f"the instance's private temporary directories could not be made: {exc}", [])
+    return "private"
+
+
+def _passable(path: str) -> None:
+    """Make `path` and the directories above it that are missing: root's, 0711 (the way in to
+    what is bound back, passable and not listable)."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        os.mkdir(directory)
+        os.chmod(directory, 0o711)
+
+
+def confine(process: Dict[str, Any], codedir: str, keep: Iterable[str] = ()) -> None:
+    """Become the user the spec names, take its limits and enter `codedir`; `keep`: paths the
+    instance needs, should its temporary directories be private. Raises LoadError."""
+    global tmp_status
     uid, gid, who = process.get("uid"), process.get("gid"), process.get("user", "")
+    if process.get("private_tmp") and os.geteuid() == 0:
+        tmp_status = private_tmp(int(process["private_tmp"]), [codedir, *keep, *sys.path, sys.prefix,
+                                                              sys.base_prefix, sys.exec_prefix,
+                                                              os.path.dirname(os.path.dirname(__file__))])
+    elif process.get("private_tmp"):
+        tmp_status = "shared: a new interpreter, started as the function's user"
+    else:
+        tmp_status = "shared: the daemon does not run as root"
     if uid is not None and os.geteuid() == 0 and (uid, gid) != (0, 0):
         os.setgroups([])
         os.setgid(gid)

@@ -24,6 +24,7 @@ import uuid
 from typing import Any, Callable, Dict, List, Optional
 
 from runtime_python import channel, codec, wsgi
+from runtime_python import confine as confine_module
 from runtime_python.channel import Channel
 from runtime_python.confine import close_other_files, confine, prctl, take_environment
 from runtime_python.context import context_class
@@ -234,7 +235,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     codedir = os.path.abspath(args.codedir)
     args.codedir = codedir
     try:
-        confine(process, codedir)
+        confine(process, codedir, [os.path.dirname(args.socket),
+                                   os.environ.get("TMPDIR", ""), os.environ.get("HOME", ""),
+                                   *spec.get("paths", [])])
     except LoadError as exc:
         return load_failed(status, exc)
     spec.setdefault("name", args.function)
@@ -275,7 +278,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ImportError as exc:   # a pinned protobuf or grpcio the runtime cannot work with
         return load_failed(status, LoadError(
             f"the runtime cannot import what it needs under {sys.executable}: {exc}", []))
-    report(status, {READY: os.getpid()})
+    report(status, {READY: os.getpid(), "tmp": confine_module.tmp_status})
 
     stopping = threading.Event()
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import pathlib
+import shutil
 import sys
 import tempfile
 import warnings
@@ -56,10 +58,22 @@ def _reachable_tmp(request) -> None:
 
 
 @pytest.fixture
-def writable_tmp(tmp_path):
-    """tmp_path, writable for the functions' users too (for handlers that leave files there)."""
-    os.chmod(tmp_path, 0o1777)
-    return tmp_path
+def writable_tmp(tmp_path) -> Iterator[pathlib.Path]:
+    """A directory that functions' users may write in and the test reads (for handlers that leave
+    files there). As root it is outside /tmp: instances forked from the template have /tmp of
+    their own."""
+    if os.geteuid() != 0:
+        os.chmod(tmp_path, 0o1777)
+        yield tmp_path
+        return
+    os.makedirs(_SHARED, 0o755, exist_ok=True)
+    path = pathlib.Path(tempfile.mkdtemp(dir=_SHARED))
+    os.chmod(path, 0o1777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+_SHARED = "/var/lib/openedge-function-tests"
 
 
 @pytest.fixture

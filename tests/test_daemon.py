@@ -131,13 +131,13 @@ def test_binary_in_binary_out(broker, daemon_factory, collector):
     assert out[0].qos == 0
 
 
-def test_none_publishes_nothing_and_acknowledges(broker, daemon_factory, collector, tmp_path, writable_tmp):
-    functions = [function("nothing", "tools.nothing", env={"COUNT_DIR": str(tmp_path)}),
+def test_none_publishes_nothing_and_acknowledges(broker, daemon_factory, collector, writable_tmp):
+    functions = [function("nothing", "tools.nothing", env={"COUNT_DIR": str(writable_tmp)}),
                  function("echo", "tools.echo")]
     rules = [rule("r-none", "none", "nothing", "none/out"), rule("r-echo", "echo", "echo", "echo/out")]
     daemon = daemon_factory(functions, rules, files={"fn/tools.py": TOOLS})
     publish(broker, "none", b'{"n": 1}', qos=1)
-    wait_until(lambda: (tmp_path / "calls").exists(), message="the handler to run")
+    wait_until(lambda: (writable_tmp / "calls").exists(), message="the handler to run")
     publish(broker, "echo", b'{"after": true}', qos=1)
     wait_until(lambda: collector.on("echo/out"), message="the echo after the None")
     assert collector.on("none/out") == []
@@ -148,7 +148,7 @@ def test_none_publishes_nothing_and_acknowledges(broker, daemon_factory, collect
     publish(broker, "echo", b'{"again": true}', qos=1)
     wait_until(lambda: len(collector.on("echo/out")) == 2, message="the second echo")
     time.sleep(0.5)
-    assert (tmp_path / "calls").read_text().splitlines() == ["{'n': 1}"]
+    assert (writable_tmp / "calls").read_text().splitlines() == ["{'n': 1}"]
 
 
 def test_handler_exception_publishes_the_envelope_and_keeps_the_instance(broker, daemon_factory, collector):
@@ -335,34 +335,34 @@ def test_reconnects_and_resubscribes_when_the_broker_comes_back(broker, daemon_f
         collector.close()
 
 
-def test_retry_runs_a_crashed_message_again_on_a_fresh_instance(broker, daemon_factory, collector, tmp_path, writable_tmp):
-    env = {"COUNT_DIR": str(tmp_path)}
+def test_retry_runs_a_crashed_message_again_on_a_fresh_instance(broker, daemon_factory, collector, writable_tmp):
+    env = {"COUNT_DIR": str(writable_tmp)}
     daemon_factory([function("crashy", "tools.crash_once", env=env)],
                    [rule("r1", "in", "crashy", "out", retry={"max": 1})], files={"fn/tools.py": TOOLS})
     publish(broker, "in", b"{}")
     out = wait_until(lambda: collector.on("out"), message="the retried answer")
     assert json.loads(out[0].payload) == {"survived": True}
-    assert (tmp_path / "calls").read_text().count("call") == 2
+    assert (writable_tmp / "calls").read_text().count("call") == 2
     # A message that crashes every time gets the envelope after its retries.
     publish(broker, "in", b'{"always": true}')
     out = wait_until(lambda: len(collector.on("out")) == 2 and collector.on("out"), message="the envelope")
     envelope = json.loads(out[1].payload)
     assert envelope["errorType"] == "InstanceCrashed" and "exited with status 7" in envelope["errorMessage"]
-    assert (tmp_path / "calls").read_text().count("call") == 4
+    assert (writable_tmp / "calls").read_text().count("call") == 4
 
 
-def test_retry_never_follows_an_exception(broker, daemon_factory, collector, tmp_path, writable_tmp):
-    daemon_factory([function("raises", "tools.raise_counted", env={"COUNT_DIR": str(tmp_path)})],
+def test_retry_never_follows_an_exception(broker, daemon_factory, collector, writable_tmp):
+    daemon_factory([function("raises", "tools.raise_counted", env={"COUNT_DIR": str(writable_tmp)})],
                    [rule("r1", "in", "raises", "out", retry={"max": 3})], files={"fn/tools.py": TOOLS})
     publish(broker, "in", b"{}")
     out = wait_until(lambda: collector.on("out"), message="the envelope")
     assert json.loads(out[0].payload)["errorType"] == "KeyError"
     time.sleep(0.5)
-    assert (tmp_path / "calls").read_text().count("call") == 1
+    assert (writable_tmp / "calls").read_text().count("call") == 1
 
 
-def test_a_crash_without_retry_is_an_envelope(broker, daemon_factory, collector, tmp_path, writable_tmp):
-    daemon_factory([function("crashy", "tools.crash_once", env={"COUNT_DIR": str(tmp_path)})],
+def test_a_crash_without_retry_is_an_envelope(broker, daemon_factory, collector, writable_tmp):
+    daemon_factory([function("crashy", "tools.crash_once", env={"COUNT_DIR": str(writable_tmp)})],
                    [rule("r1", "in", "crashy", "out")], files={"fn/tools.py": TOOLS})
     publish(broker, "in", b"{}")
     out = wait_until(lambda: collector.on("out"), message="the envelope")

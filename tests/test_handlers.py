@@ -250,14 +250,14 @@ def handler(event, context):
 '''
 
 
-def test_a_handler_subprocess_dies_with_its_instance_on_timeout(broker, daemon_factory, collector, tmp_path, writable_tmp):
-    daemon_factory([function("spawner", "main.handler", env={"OUT": str(tmp_path)},
+def test_a_handler_subprocess_dies_with_its_instance_on_timeout(broker, daemon_factory, collector, writable_tmp):
+    daemon_factory([function("spawner", "main.handler", env={"OUT": str(writable_tmp)},
                              instance={"timeout": "1s"})],
                    [rule("r1", "in", "spawner", "out")], files={"fn/main.py": SPAWNER})
     publish(broker, "in", b"{}")
     out = wait_until(lambda: collector.on("out"), message="the timeout envelope")
     assert json.loads(out[0].payload)["errorType"] == "FunctionTimeout"
-    child = int((tmp_path / "child").read_text())
+    child = int((writable_tmp / "child").read_text())
     wait_until(lambda: not alive([child]), timeout=5, message="the handler's subprocess to die")
 
 

@@ -389,3 +389,55 @@ def test_what_a_package_runs_at_install_time_is_bounded_and_killed(
     again = _orphan(writable_tmp, "stuck")
     daemon.stop()
     wait_until(lambda: not alive([again]), 10, message="the install's grandchild to go with the daemon")
+
+
+LITTER = '''
+import errno, os
+
+def handler(event, context):
+    written = {}
+    for path in ("/dev/shm", "/tmp", "/var/tmp", "/run/lock"):
+        name = os.path.join(path, "litter-%d" % os.getuid())
+        try:
+            with open(name, "wb") as fh:
+                for _ in range(event.get("mb", 1)):
+                    fh.write(b"x" * (1 << 20))
+            written[path] = os.path.getsize(name)
+        except OSError as exc:
+            written[path] = errno.errorcode.get(exc.errno, str(exc.errno))
+    return {"uid": os.getuid(), "written": written, "tmpdir": os.environ.get("TMPDIR")}
+'''
+
+
+def test_files_outside_the_private_temporary_directory_do_not_outlive_the_function(
+        broker, daemon_factory, collector):
+    """A handler wrote 60 MB to /dev/shm and exited: the file stayed, owned by its user, unbounded
+    by memory: and after the daemon was gone; /tmp, /var/tmp and /run/lock were writable too."""
+    daemon = daemon_factory(
+        [function("forked", "litter.handler", instance={"memory": "64m", "idletime": "1s"}),
+         # A variable the interpreter reads at start: a new interpreter, not a fork of the template.
+         function("fresh", "litter.handler", env={"PYTHONHASHSEED": "7"}, instance={"idletime": "1s"})],
+        [rule("f", "forked/in", "forked", "forked/out"), rule("n", "fresh/in", "fresh", "fresh/out")],
+        files={"fn/litter.py": LITTER})
+    publish(broker, "forked/in", json.dumps({"mb": 1}).encode())
+    publish(broker, "fresh/in", json.dumps({"mb": 1}).encode())
+    wait_until(lambda: collector.on("forked/out") and collector.on("fresh/out"), 30)
+    forked = json.loads(collector.on("forked/out")[0].payload)
+    fresh = json.loads(collector.on("fresh/out")[0].payload)
+    # The fork's own: never on the machine's /dev/shm or /tmp ...
+    assert forked["written"] == {path: 1 << 20 for path in ("/dev/shm", "/tmp", "/var/tmp", "/run/lock")}
+    for path in ("/dev/shm", "/tmp", "/var/tmp", "/run/lock"):
+        assert not os.path.exists(os.path.join(path, f"litter-{forked['uid']}")), path
+    # ... and bounded: 100 MB under 64 MB fills the tmpfs or the memory group, whichever comes first.
+    publish(broker, "forked/in", json.dumps({"mb": 100}).encode())
+    bounded = json.loads(wait_until(lambda: collector.on("forked/out")[1:], 30)[0].payload)
+    assert bounded.get("errorType") == "MemoryLimitExceeded" or bounded["written"]["/dev/shm"] == "ENOSPC", bounded
+    log = daemon.log()
+    assert "function forked: its instances get /tmp, /var/tmp, /dev/shm and /run/lock of their own" in log
+    assert "function fresh: its instances share /tmp, /var/tmp, /dev/shm and /run/lock" in log
+    # The new interpreter's litter is on the machine until its last instance stops.
+    assert fresh["written"]["/dev/shm"] == 1 << 20, fresh
+    litter = [os.path.join(path, f"litter-{fresh['uid']}") for path in ("/dev/shm", "/tmp", "/var/tmp")]
+    wait_until(lambda: not any(os.path.exists(path) for path in litter), 20,
+               message="what the function's user left in /tmp & co. to be removed")
+    assert "removed" in daemon.log() and f"(uid {fresh['uid']})" in daemon.log()

@@ -36,7 +36,7 @@ def handler(event, context):
 class Gateway:
     """A daemon with a probe function, a victim function and a broker rule for each."""
 
-    def __init__(self, tmp_path, broker, collector, env=None, **probe_extra) -> None:
+    def __init__(self, tmp_path, broker, collector, daemon_env=None, **probe_extra) -> None:
         self.broker, self.collector = broker, collector
         directory = tmp_path / "gateway"
         directory.mkdir()
@@ -59,7 +59,7 @@ class Gateway:
                   "logger": {"level": "debug", "path": "var/daemon.log", "console": True}}
         self.daemon = DaemonProcess(str(directory), config)
         os.chmod(self.daemon.config_path, 0o600)   # as an operator keeps a file with a password
-        self.daemon.start(env=env)
+        self.daemon.start(env=daemon_env)
         self.seen = 0
 
     def run(self, name: str, event: dict) -> dict:
@@ -144,7 +144,7 @@ def test_processes_files_and_memory_are_bounded_by_the_kernel(gateway):
 
 
 def test_without_cgroups_rlimits_stand_in(tmp_path, broker, collector):
-    gw = Gateway(tmp_path, broker, collector, env={**os.environ, "OPENEDGE_FUNCTION_CGROUPS": "off"})
+    gw = Gateway(tmp_path, broker, collector, daemon_env={**os.environ, "OPENEDGE_FUNCTION_CGROUPS": "off"})
     try:
         assert "instances get no control groups (OPENEDGE_FUNCTION_CGROUPS=off)" in gw.daemon.log()
         spawned = gw.probe("spawn", 500)["result"]
@@ -160,7 +160,9 @@ def test_without_cgroups_rlimits_stand_in(tmp_path, broker, collector):
 
 
 def test_a_function_of_the_same_user_cannot_drive_another_instance(tmp_path, broker, collector):
-    gw = Gateway(tmp_path, broker, collector, user=61001, group=61001)
+    # A new interpreter (a variable read at start): its /tmp is the machine's, where the victim's
+    # socket is; a fork of the template, with /tmp of its own, would not even find it.
+    gw = Gateway(tmp_path, broker, collector, user=61001, group=61001, env={"PYTHONHASHSEED": "1"})
     try:
         gw.run("victim", {"n": 1})
         [victim_socket] = [path for path in glob.glob("/tmp/openedge-function-*/victim-*/*.sock")
@@ -246,7 +248,7 @@ def test_a_message_in_flight_at_each_of_the_last_crashes_is_answered_not_run(
     config = {"hub": {"address": broker.address, "clientid": "poison"},
               "functions": [function("stuck", "main.handler", env={"OUT": str(writable_tmp)})],
               "rules": [rule("r", "in", "stuck", "out", error={"topic": "errors", "qos": 1})]}
-    runs = tmp_path / "runs"
+    runs = writable_tmp / "runs"
 
     def count() -> int:
         return len(runs.read_text().splitlines()) if runs.exists() else 0

@@ -20,6 +20,8 @@ RUNTIME_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(p
 _BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Threads of the runtime itself (main, lifeline, gRPC's), on top of what instance.pids allows a handler.
 RUNTIME_TASKS = 16
+# The size of an instance's private /tmp (and /var/tmp, /dev/shm, /run/lock) without instance.memory.
+TMP_SIZE = 128 << 20
 
 
 def base_environment() -> Dict[str, str]:
@@ -80,5 +82,7 @@ def start_spec(function: Function, instance_id: str, who: RunAs, env: Dict[str, 
             "nproc": (limits.pids + RUNTIME_TASKS) * limits.max if not grouped and who.switches else 0,
             # ... and address space, a coarse stand-in for memory (polling still applies).
             "address_space": limits.memory if not grouped else 0,
+            # As root: /tmp, /var/tmp, /dev/shm and /run/lock of its own, of this size each.
+            "private_tmp": (limits.memory or TMP_SIZE) if os.geteuid() == 0 else 0,
         },
     }}

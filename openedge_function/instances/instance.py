@@ -162,6 +162,7 @@ class Instance:
             self.kill()
             raise InstanceCrashed(f"instance {self.id} {describe_exit(self.process.returncode)} "
                                   "during start-up")
+        self.sandbox.note_tmp(fn.name, status.tmp)
 
     def _spawn(self, argv: List[str], env: Any, status_fd: int, out_fd: int, err_fd: int) -> Any:
         """A fork of the template when the function allows it, else a fresh interpreter (as the

@@ -83,6 +83,7 @@ class StatusSocket:
         self.ready = threading.Event()     # the initializer ran, the server serves (or gone)
         self.lost = threading.Event()      # end-of-file: the process is going
         self.load_error: Optional[Dict[str, Any]] = None   # why the handler cannot load
+        self.tmp = ""   # whether its temporary directories are its own ("private"), or why not
         self._out: Optional[socket.socket] = None   # for replies
         self._lock = threading.Lock()
 
@@ -127,6 +128,8 @@ class StatusSocket:
             return
         if LOAD_ERROR in message:
             self.load_error = message[LOAD_ERROR]
+        if "tmp" in message:
+            self.tmp = str(message["tmp"])
         self.loaded.set()
         if LOADED not in message:
             self.ready.set()

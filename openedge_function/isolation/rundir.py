@@ -13,8 +13,8 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Set
 
 from ..config import Function
 from .cgroups import Cgroups
@@ -45,6 +45,40 @@ class RunDir:
         os.close(self._lock)
 
 
+SHARED_TMP = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+
+
+def sweep_tmp(name: str, uid: int) -> int:
+    """Remove the entries of SHARED_TMP that `uid` owns, unless a process of `uid` still runs;
+    how many were removed."""
+    import psutil
+    for process in psutil.process_iter(["uids"]):
+        uids = process.info.get("uids")
+        if uids is not None and uid in (uids.real, uids.effective):
+            return 0
+    removed = 0
+    for directory in SHARED_TMP:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)   # safe against links swapped in (fd-based)
+                else:
+                    os.unlink(entry.path)
+                removed += 1
+            except OSError:
+                continue
+    if removed:
+        log.info("function %s: removed %d files and directories its user (uid %d) left in %s",
+                 name, removed, uid, ", ".join(SHARED_TMP))
+    return removed
+
+
 def remove_stale(base: str) -> None:
     """Remove the run directories of daemons that are gone: nobody holds their lock."""
     for path in glob.glob(os.path.join(base, _PREFIX + "*")):
@@ -71,6 +105,29 @@ class Sandbox:
     path: str
     who: RunAs
     cgroups: Optional[Cgroups] = None
+    tmp_noted: Set[str] = field(default_factory=set)   # what the log said of /tmp & co.
+
+    def note_tmp(self, name: str, how: str) -> None:
+        """Say once per pool whether its instances' /tmp, /var/tmp, /dev/shm and /run/lock are
+        their own (`how` as the runtime reports it: "private", or "shared: why")."""
+        if not how or how in self.tmp_noted:
+            return
+        self.tmp_noted.add(how)
+        if how == "private":
+            log.info("function %s: its instances get /tmp, /var/tmp, /dev/shm and /run/lock of their own "
+                     "(tmpfs in a mount namespace, counted in their memory)", name)
+        elif self.who.own:
+            log.info("function %s: its instances share /tmp, /var/tmp, /dev/shm and /run/lock (%s); what "
+                     "its user leaves there is removed when its last instance stops", name, how[8:])
+        else:
+            log.info("function %s: its instances share /tmp, /var/tmp, /dev/shm and /run/lock (%s), as %s, "
+                     "whose files there stay", name, how[8:], self.who)
+
+    def sweep(self, name: str) -> None:
+        """After the pool's last instance: remove what its user left in the shared temporary
+        directories, when the user is the function's own and none of its processes is left."""
+        if self.who.own:
+            sweep_tmp(name, self.who.uid)
 
     @property
     def tmp(self) -> str:

@@ -31,6 +31,7 @@ class RunAs:
     uid: int
     gid: int
     name: str         # for messages: "nobody", "uid 61544 (the function's own)"
+    own: bool = False   # a dynamic user of the function's own: what it leaves behind is its alone
 
     @property
     def switches(self) -> bool:
@@ -112,7 +113,7 @@ def run_as(function: Function, defaults: Defaults, file: str = "", index: int = 
     if user is None:
         uid = dynamic_uid(function.name)
         gid = _gid(group) if group is not None else uid
-        return RunAs(uid, gid, f"uid {uid} (function {function.name}'s own)")
+        return RunAs(uid, gid, f"uid {uid} (function {function.name}'s own)", own=True)
     uid, own_gid, name = _uid(user)
     if uid == 0:
         log.warning("%s.user: function %s runs as root: its handler can do anything the daemon can",
