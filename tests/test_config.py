@@ -344,6 +344,7 @@ def test_delivery_settings(tmp_path):
             retry: {max: 2}
             ordered: true
             overflow: drop
+            response: {topics: ["reply/#", "+/answers"]}
         functions:
           - {name: f, handler: main.handler, codedir: fn}
     """)
@@ -351,12 +352,13 @@ def test_delivery_settings(tmp_path):
     assert config.hub.maxsize == 100 << 10
     rule = config.rules[0]
     assert rule.retry_max == 2 and rule.ordered and rule.subscribe.topic == "$share/g/t"
-    assert rule.overflow == "drop"
+    assert rule.overflow == "drop" and rule.response_topics == ("reply/#", "+/answers")
     defaults = load(tmp_path, MINIMAL, "defaults.yml")
     assert defaults.hub.protocol == 4 and defaults.hub.session_expiry == 0xFFFFFFFF
     assert defaults.hub.maxsize == 268435460   # MQTT's own bound on a packet
     assert defaults.rules[0].retry_max == 0 and not defaults.rules[0].ordered
     assert defaults.rules[0].overflow == "pause"   # QoS 0 waits at the broker, as QoS 1 does
+    assert defaults.rules[0].response_topics == ()   # any topic but the daemon's own input
 
 
 @pytest.mark.parametrize("text, field, words", [
@@ -369,6 +371,10 @@ def test_delivery_settings(tmp_path):
     (with_rule(ordered="yes"), "rules[0].ordered", "not true or false"),
     (with_rule(overflow="block"), "rules[0].overflow", "not one of pause, drop"),
     (with_rule(subscribe={"topic": "$share//t"}), "rules[0].subscribe.topic", "shared subscription"),
+    (with_rule(response={"topics": ["reply/#/x"]}), "rules[0].response.topics", "'#' must be a whole level"),
+    (with_rule(response={"topics": ["$share/g/r"]}), "rules[0].response.topics", "not a topic filter for answers"),
+    (with_rule(response={"topics": []}), "rules[0].response.topics", "at least one topic filter"),
+    (with_rule(response={"topic": ["r"]}), "rules[0].response.topic", "did you mean 'topics'"),
 ])
 def test_delivery_setting_errors(tmp_path, text, field, words):
     error = error_of(tmp_path, text)
