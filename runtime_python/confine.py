@@ -49,13 +49,24 @@ def take_environment(env: Dict[str, str]) -> None:
     sys.dont_write_bytecode = bool(env.get("PYTHONDONTWRITEBYTECODE"))
 
 
+_libc: Any = None
+
+
+def libc() -> Any:
+    """The C library, through ctypes (loaded once; the template loads it for its forks)."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
 def prctl(option: int, value: Any) -> bool:
     """Linux prctl(2) with one argument; False where it fails or does not exist."""
     if not sys.platform.startswith("linux"):
         return False
     try:
-        import ctypes
-        return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
+        return libc().prctl(option, value, 0, 0, 0) == 0
     except Exception:
         return False
 
@@ -71,14 +82,14 @@ def private_tmp(size: int, keep: Iterable[str]) -> str:
     """A mount namespace with a tmpfs of `size` bytes on each of TMP_DIRS, and `keep` (paths
     that must stay reachable) bound back in; "private", or why it could not be."""
     import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
+    c = libc()
 
     def mount(source: Any, target: Any, kind: Any, flags: int, data: Any) -> None:
-        if libc.mount(source, target, kind, flags, data) != 0:
+        if c.mount(source, target, kind, flags, data) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"mount {target!r}: {os.strerror(err)}")
 
-    if libc.unshare(_CLONE_NEWNS) != 0:
+    if c.unshare(_CLONE_NEWNS) != 0:
         return f"shared: no mount namespace of its own ({os.strerror(ctypes.get_errno())})"
     try:
         mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None)   # nothing goes back to the machine

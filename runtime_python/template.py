@@ -42,6 +42,8 @@ def _preload() -> None:
     import grpc  # noqa: F401
 
     from runtime_python._pb import function_pb2, function_pb2_grpc  # noqa: F401
+    from runtime_python.confine import libc
+    libc()   # prctl and the mounts of a private /tmp, in every fork
 
 
 def _become_instance(request: Dict[str, Any], fds: List[int], control: socket.socket) -> None:

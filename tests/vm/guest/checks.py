@@ -294,6 +294,16 @@ def main() -> int:
         wait_for(lambda: not os.path.exists(f"/proc/{child['pid']}"), 60, f"pid {child['pid']} to go")
         return f"pid {child['pid']} (its own process group) was gone once {crashed['errorType']}"
 
+    @check("temporary directories: the log says whether an instance's are its own, and why not")
+    def _() -> str:
+        line = logged("function probe: its instances", 0)
+        # The unit keeps CAP_SYS_ADMIN out: no mount namespace per instance; its PrivateTmp and
+        # PrivateDevices keep the machine's /tmp and /dev/shm out of reach instead.
+        expect("share /tmp" in line and "removed when its last instance stops" in line, line)
+        written = client.ask("probe/in", "probe/out", {"try": "write", "arg": "/dev/shm/litter"})
+        expect(written["done"] and not os.path.exists("/dev/shm/litter"), f"{written}: on the machine's /dev/shm")
+        return line
+
     @check("systemctl reload is a SIGHUP reload")
     def _() -> str:
         before = main_pid()
