@@ -416,7 +416,7 @@ def test_files_outside_the_private_temporary_directory_do_not_outlive_the_functi
     daemon = daemon_factory(
         [function("forked", "litter.handler", instance={"memory": "64m", "idletime": "1s"}),
          # A variable the interpreter reads at start: a new interpreter, not a fork of the template.
-         function("fresh", "litter.handler", env={"PYTHONHASHSEED": "7"}, instance={"idletime": "1s"})],
+         function("fresh", "litter.handler", env={"PYTHONHASHSEED": "7"})],
         [rule("f", "forked/in", "forked", "forked/out"), rule("n", "fresh/in", "fresh", "fresh/out")],
         files={"fn/litter.py": LITTER})
     publish(broker, "forked/in", json.dumps({"mb": 1}).encode())
@@ -435,9 +435,11 @@ def test_files_outside_the_private_temporary_directory_do_not_outlive_the_functi
     log = daemon.log()
     assert "function forked: its instances get /tmp, /var/tmp, /dev/shm and /run/lock of their own" in log
     assert "function fresh: its instances share /tmp, /var/tmp, /dev/shm and /run/lock" in log
-    # The new interpreter's litter is on the machine until its last instance stops.
+    # The new interpreter's litter is on the machine until its last instance stops: here, with
+    # the daemon.
     assert fresh["written"]["/dev/shm"] == 1 << 20, fresh
     litter = [os.path.join(path, f"litter-{fresh['uid']}") for path in ("/dev/shm", "/tmp", "/var/tmp")]
-    wait_until(lambda: not any(os.path.exists(path) for path in litter), 20,
-               message="what the function's user left in /tmp & co. to be removed")
+    assert all(os.path.exists(path) for path in litter)
+    assert daemon.stop() == 0
+    assert not any(os.path.exists(path) for path in litter), "what the function's user left is still there"
     assert "removed" in daemon.log() and f"(uid {fresh['uid']})" in daemon.log()

@@ -147,7 +147,9 @@ def test_without_cgroups_rlimits_stand_in(tmp_path, broker, collector):
     gw = Gateway(tmp_path, broker, collector, daemon_env={**os.environ, "OPENEDGE_FUNCTION_CGROUPS": "off"})
     try:
         assert "instances get no control groups (OPENEDGE_FUNCTION_CGROUPS=off)" in gw.daemon.log()
-        spawned = gw.probe("spawn", 500)["result"]
+        outcome = gw.probe("spawn", 500)
+        assert "result" in outcome, outcome
+        spawned = outcome["result"]
         # RLIMIT_NPROC: (64 + 16) tasks for each of its 1 instance, threads included.
         assert spawned["started"] < 100 and spawned["error"] == "BlockingIOError", spawned
         assert gw.probe("open", 5000)["result"]["opened"] < 1024

@@ -294,15 +294,20 @@ def main() -> int:
         wait_for(lambda: not os.path.exists(f"/proc/{child['pid']}"), 60, f"pid {child['pid']} to go")
         return f"pid {child['pid']} (its own process group) was gone once {crashed['errorType']}"
 
-    @check("temporary directories: the log says whether an instance's are its own, and why not")
+    @check("temporary directories: shared under the unit, and what a function leaves there goes with it")
     def _() -> str:
         line = logged("function probe: its instances", 0)
-        # The unit keeps CAP_SYS_ADMIN out: no mount namespace per instance; its PrivateTmp and
-        # PrivateDevices keep the machine's /tmp and /dev/shm out of reach instead.
+        # The unit keeps CAP_SYS_ADMIN out: no mount namespace per instance. /tmp is the service's
+        # (PrivateTmp); /dev/shm is the machine's, so the daemon removes what the probe left.
         expect("share /tmp" in line and "removed when its last instance stops" in line, line)
         written = client.ask("probe/in", "probe/out", {"try": "write", "arg": "/dev/shm/litter"})
-        expect(written["done"] and not os.path.exists("/dev/shm/litter"), f"{written}: on the machine's /dev/shm")
-        return line
+        expect(written["done"] and os.path.exists("/dev/shm/litter"), f"{written}: not in /dev/shm")
+        since = time.time() - 1
+        sh("systemctl", "restart", SERVICE)
+        removed = logged("function probe: removed", since)
+        expect(not os.path.exists("/dev/shm/litter"), "/dev/shm/litter outlived the service")
+        logged("rule rule-probe: subscribed", since)
+        return f"{line}; at the restart: {removed}"
 
     @check("systemctl reload is a SIGHUP reload")
     def _() -> str:
