@@ -24,7 +24,21 @@ EXIT_CONFIG = 2
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """The command line. Pipe-safe: a reader that goes away (`status | head`) ends the command
+    quietly, as it ends `cat`."""
+    try:
+        code = _main(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # What is still buffered for stdout would fail again at exit: send it nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141   # 128 + SIGPIPE, as a shell reports a command ended by its pipe
+
+
+def _main(argv: List[str]) -> int:
     if argv and argv[0] in ("invoke", "status"):
         return client_main(argv)
     if argv and argv[0] == "run":

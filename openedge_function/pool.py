@@ -76,6 +76,7 @@ class Pool:
         self._failure: Optional[InvocationError] = None
         self._retry_at = 0.0
         self._backoff = _BACKOFF_FIRST
+        self.retries = True   # a start that failed is tried again (the run command's pool: once)
         self._full = False
         self._listeners: List[Callable[[bool], None]] = []
         self._held_at = float("-inf")
@@ -305,8 +306,8 @@ class Pool:
         self._retry_at = time.monotonic() + self._backoff
         backoff, self._backoff = self._backoff, min(self._backoff * 2, _BACKOFF_MAX)
         if not repeated:
-            log.error("function %s: %s: %s (next try in %gs)", self.function.name,
-                      error.error_type, error.message, backoff)
+            log.error("function %s: %s: %s%s", self.function.name, error.error_type, error.message,
+                      f" (next try in {backoff:g}s)" if self.retries else "")
         self._answer_waiting(error)
 
     def next_batch(self, worker: Worker) -> Optional[List[Invocation]]:

@@ -329,6 +329,12 @@ def test_run_takes_the_configured_settings_and_prints_envelopes(tmp_path):
     assert ok.returncode == 0 and json.loads(ok.stdout) == {"greeting": "set up", "timeout": 1}, ok.stderr
     slow = run("f", "-c", "app.yml", '{"sleep": 3}')
     assert slow.returncode == 1 and json.loads(slow.stdout)["errorType"] == "FunctionTimeout"
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "h.py").write_text("def handler(event, context)\n")
+    os.chmod(tmp_path / "broken", 0o755)
+    broken = run("broken", "{}")   # one event, one try: nothing speaks of a next one
+    assert broken.returncode == 1 and json.loads(broken.stdout)["errorType"] == "FunctionLoadError"
+    assert b"next try" not in broken.stdout + broken.stderr, broken.stderr
     failed = run("fn", "{\"fail\": true}")   # by directory: the handler found, no initializer
     envelope = json.loads(failed.stdout)
     assert failed.returncode == 1 and envelope["errorType"] == "KeyError"
@@ -419,6 +425,11 @@ def test_status_and_invoke_find_the_server_in_the_configuration(tmp_path, broker
     wrong = subprocess.run(CLI + ["status", "--token", "nope"], env=env, capture_output=True, text=True,
                            timeout=60)
     assert wrong.returncode == 1 and "Unauthorized" in wrong.stderr + wrong.stdout
+    # Pipe-safe: a reader that is gone (`status | head`) ends the command quietly.
+    piped = subprocess.Popen(CLI + ["status"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    piped.stdout.close()
+    errors = piped.stderr.read().decode()
+    assert piped.wait(60) in (0, 141) and "Traceback" not in errors and "BrokenPipe" not in errors, errors
 
 
 def test_a_server_listening_everywhere_is_reached_on_loopback(tmp_path):

@@ -144,6 +144,7 @@ def run_once(function: Function, who: RunAs, packages: Packages, payload: bytes,
     spawner = Spawner(rundir.home(function, who), fdwatch)
     spawner.paths = (paths,) if paths else ()
     pool = Pool(plane, function, spawner)
+    pool.retries = False   # one event, one try: nothing is tried again
     finished = threading.Event()
     result: List[object] = []
 

@@ -263,7 +263,8 @@ def _parse_hub(r: Reader, workdir: str) -> Hub:
     address = r.value(Hub, "address")
     match = re.match(r"^(tcp|ssl|mqtt|mqtts|tls)://([^:/]*|\[[^\]]+\])(?::(\d+))?/?$", address)
     if not match:
-        raise r.fail("address", f"{address!r} is not tcp://host:port or ssl://host:port")
+        raise r.fail("address", f"{address!r} is not tcp://host:port or ssl://host:port (mqtt:// is "
+                                "tcp://, mqtts:// and tls:// are ssl://)")
     scheme, host, port = match.groups()
     tls = scheme in ("ssl", "mqtts", "tls")
     host = host.strip("[]") or "127.0.0.1"
