@@ -78,9 +78,36 @@ _MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000
 tmp_status = "shared: not set up"   # "private", or "shared: why not"
 
 
-def private_tmp(size: int, keep: Iterable[str]) -> str:
+def reachable(path: str, uid: int, gid: int) -> bool:
+    """Whether user `uid` (group `gid`, no other groups) may pass down to `path` and read it, by
+    the mode bits (checked as root, before becoming that user)."""
+    if uid == 0:
+        return True
+    path = os.path.abspath(path)
+    above, current = [], path
+    while current != os.path.dirname(current):
+        current = os.path.dirname(current)
+        above.append(current)
+    if not all(_may(directory, uid, gid, 0o1) for directory in above):
+        return False
+    return _may(path, uid, gid, 0o5 if os.path.isdir(path) else 0o4)
+
+
+def _may(path: str, uid: int, gid: int, need: int) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
+    return (st.st_mode >> shift) & need == need
+
+
+def private_tmp(size: int, keep: Iterable[str], uid: int = 0, gid: int = 0, codedir: str = "") -> str:
     """A mount namespace with a tmpfs of `size` bytes on each of TMP_DIRS, and `keep` (paths
-    that must stay reachable) bound back in; "private", or why it could not be."""
+    that must stay reachable) bound back in, those that user `uid` may reach; "private", or why it
+    could not be. A code directory the user may not reach is left to the error that says so."""
+    if codedir and not reachable(codedir, uid, gid):
+        return "shared: its code directory is out of its user's reach"
     import ctypes
     c = libc()
 
@@ -100,7 +127,7 @@ def private_tmp(size: int, keep: Iterable[str]) -> str:
         held = []
         for path in sorted({os.path.realpath(p) for p in keep if p and os.path.exists(p)}):
             if any(path == d or path.startswith(d + "/") for d in masked) and not any(
-                    path.startswith(kept + "/") for kept, _ in held):
+                    path.startswith(kept + "/") for kept, _ in held) and reachable(path, uid, gid):
                 held.append((path, os.open(path, os.O_PATH | os.O_CLOEXEC)))
         for directory in masked:
             mount(b"tmpfs", directory.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV,
@@ -136,9 +163,10 @@ def confine(process: Dict[str, Any], codedir: str, keep: Iterable[str] = ()) -> 
     global tmp_status
     uid, gid, who = process.get("uid"), process.get("gid"), process.get("user", "")
     if process.get("private_tmp") and os.geteuid() == 0:
-        tmp_status = private_tmp(int(process["private_tmp"]), [codedir, *keep, *sys.path, sys.prefix,
-                                                              sys.base_prefix, sys.exec_prefix,
-                                                              os.path.dirname(os.path.dirname(__file__))])
+        tmp_status = private_tmp(int(process["private_tmp"]),
+                                 [codedir, *keep, *sys.path, sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                  os.path.dirname(os.path.dirname(__file__))],
+                                 uid if uid is not None else 0, gid if gid is not None else 0, codedir)
     elif process.get("private_tmp"):
         tmp_status = "shared: a new interpreter, started as the function's user"
     else:
@@ -159,15 +187,40 @@ def confine(process: Dict[str, Any], codedir: str, keep: Iterable[str] = ()) -> 
     library = os.path.dirname(os.__file__)
     if not os.access(library, os.R_OK | os.X_OK):
         raise LoadError(f"the interpreter's library {library} cannot be read by {who or 'this user'}: "
-                        "install Python where the function's user can read it", [])
+                        f"{blocker(library)}; install Python where the function's user can read it", [])
     try:
         os.chdir(codedir)
         os.listdir(codedir)
     except OSError as exc:
-        raise LoadError(f"code directory {codedir} cannot be read by {who or 'this user'}: "
-                        f"{exc.strerror}; make it readable for that user (chmod -R o+rX, or a "
-                        "group it is in) or set the function's user:", []) from None
+        raise LoadError(f"code directory {codedir} cannot be read by {who or 'this user'} "
+                        f"({exc.strerror}): {blocker(codedir)}, or set the function's user: to one "
+                        "that may read it", []) from None
     sys.path[0] = codedir   # as `python -m` run there has it
+
+
+def blocker(path: str) -> str:
+    """What stops this process's user from reading directory `path`: the first directory on the
+    way down that it may not pass (or `path` itself, which it may not list), with the command
+    that lets it."""
+    parts = os.path.abspath(path).split(os.sep)[1:]
+    current = "/"
+    for part in parts:
+        if not os.access(current, os.X_OK):
+            return _stops(current, "pass through", "o+x")
+        current = os.path.join(current, part)
+    if not os.access(current, os.R_OK | os.X_OK):
+        return _stops(current, "read", "-R o+rX")
+    return f"{current} is readable now"
+
+
+def _stops(directory: str, what: str, mode: str) -> str:
+    try:
+        st = os.stat(directory)
+        about = f" (mode {st.st_mode & 0o7777:04o}, uid {st.st_uid}, gid {st.st_gid})"
+    except OSError:
+        about = ""
+    return (f"{directory}{about} is what it may not {what}; `chmod {mode} {directory}` lets it "
+            "(or give it a group that may)")
 
 
 def _limit(which: int, value: int) -> None:

@@ -181,9 +181,11 @@ def test_a_function_of_the_same_user_cannot_drive_another_instance(tmp_path, bro
         gw.stop()
 
 
-def test_an_unreadable_code_directory_names_the_directory_and_the_user(broker, daemon_factory, collector):
-    daemon = daemon_factory([function("locked", "main.handler", codedir="locked")],
-                            [rule("r", "in", "locked", "out")], files={"locked/main.py": ECHO})
+def test_an_unreadable_code_directory_names_the_directory_that_stops_the_user(broker, daemon_factory, collector):
+    daemon = daemon_factory([function("locked", "main.handler", codedir="locked"),
+                             function("nested", "main.handler", codedir="home/fn")],
+                            [rule("r", "in", "locked", "out"), rule("n", "nested/in", "nested", "nested/out")],
+                            files={"locked/main.py": ECHO, "home/fn/main.py": ECHO})
     locked = os.path.join(daemon.directory, "locked")
     os.chmod(locked, 0o700)
     publish(broker, "in", b"{}")
@@ -191,6 +193,15 @@ def test_an_unreadable_code_directory_names_the_directory_and_the_user(broker, d
     envelope = json.loads(out[0].payload)
     assert envelope["errorType"] == "FunctionLoadError", envelope
     assert locked in envelope["errorMessage"] and "uid 6" in envelope["errorMessage"], envelope
+    assert f"`chmod -R o+rX {locked}`" in envelope["errorMessage"], envelope
+    # The code directory is open; the directory above it is not (code under /root): that one is named.
+    home = os.path.join(daemon.directory, "home")
+    os.chmod(os.path.join(home, "fn"), 0o755)
+    os.chmod(home, 0o700)
+    publish(broker, "nested/in", b"{}")
+    envelope = json.loads(wait_until(lambda: collector.on("nested/out"), 60)[0].payload)
+    assert f"{home} (mode 0700, uid 0, gid 0) is what it may not pass through; `chmod o+x {home}`" \
+        in envelope["errorMessage"], envelope
 
 
 def test_a_readable_configuration_with_a_password_is_warned_about(broker, daemon_factory):
