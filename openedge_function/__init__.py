@@ -15,5 +15,5 @@ from .daemon import Daemon  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .sdk import Client, InvokeError  # noqa: E402
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 __all__ = ["AppConfig", "Client", "ConfigError", "Daemon", "InvokeError", "load_config", "__version__"]

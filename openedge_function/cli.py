@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import yaml
 
-from . import __version__
+from .version import __version__
 from .config import load_config
 from .config.parser import parse_server
 from .config.layout import DEFAULT_HELP, default_config, default_workdir

@@ -77,6 +77,7 @@ class Pool:
         self._retry_at = 0.0
         self._backoff = _BACKOFF_FIRST
         self.retries = True   # a start that failed is tried again (the run command's pool: once)
+        self.load_failures = 0   # instances that did not start (FunctionLoadError, crashes at start)
         self._full = False
         self._listeners: List[Callable[[bool], None]] = []
         self._held_at = float("-inf")
@@ -90,7 +91,7 @@ class Pool:
         # that kept it from starting: the hand-over to new code (deploy/handover.py).
         self.on_first: Optional[Callable[[Optional[InvocationError]], None]] = None
         # Called with (outcome, seconds) after each invocation that ran: the daemon's metrics.
-        self.observe: Optional[Callable[[str, float], None]] = None
+        self.observe: Optional[Callable[[str, Optional[float]], None]] = None
 
     @property
     def queue_max(self) -> int:
@@ -282,7 +283,10 @@ class Pool:
             return
         doomed = self.backlog.clear()
         self._check_room()
+        observe = self.observe
         for invocation in doomed:
+            if observe is not None:   # answered without running: counted, with no run time
+                observe(error.error_type, None)
             invocation.done(invocation, error)
 
     def hand_over(self, successor: "Pool") -> None:
@@ -297,6 +301,7 @@ class Pool:
 
     def start_failed(self, worker: Worker, error: InvocationError) -> None:
         self._starting -= 1
+        self.load_failures += 1
         self._workers.discard(worker)
         # New code that does not load is the daemon's to report (the old code still serves).
         repeated = self.on_first is not None or (
@@ -419,7 +424,8 @@ class Pool:
         return {"instances": len(workers), "idle": len(self._idle),
                 "starting": self._starting, "queued": len(self.backlog),
                 "queue_peak": self.backlog.peak, "dropped": self.dropped,
-                "states": dict(states), "failing": self._failure.message if self._failure else None}
+                "states": dict(states), "failing": self._failure.message if self._failure else None,
+                "load_failures": self.load_failures}
 
     @property
     def queue_peak(self) -> int:

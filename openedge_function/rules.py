@@ -33,7 +33,7 @@ from runtime_python._pb import function_pb2 as pb
 
 from .config import Function, Hub, Publication, Rule
 from .dataplane import DataPlane
-from .errors import (FunctionLoadError, HandlerError, InstanceCrashed, InvocationError, MessageExpired,
+from .errors import (FunctionLoadError, InstanceCrashed, InvocationError, MessageExpired,
                      MessageTooLarge, Packet, PoisonMessage, PublishRefused, ResponseRefused, ResultTooLarge,
                      brief, build_envelope)
 from .broker import Intake, Publisher
@@ -85,6 +85,7 @@ class RuleRunner:
         self.expired = 0
         self.undeliverable = 0   # not even the envelope was taken: see _not_taken
         self.refused = 0   # MQTT 5 requests not run for their response topic (replies.py)
+        self.poisoned = 0  # answered with PoisonMessage instead of run
         self._v5 = hub.protocol == 5
 
     def use(self, function: Function, pool: Pool, replies: ReplyPolicy) -> None:
@@ -272,11 +273,16 @@ class RuleRunner:
             self._settle(invocation)
             return
         self.failed += 1
-        # A handler's exception is its answer; a load failure is logged once, by the pool.
-        level = logging.INFO if isinstance(error, HandlerError) else (
-            logging.DEBUG if isinstance(error, FunctionLoadError) else logging.WARNING)
-        log.log(level, "rule %s: function %s request %s: %s: %s", self.rule.name,
-                self.function.name, invocation.request_id, error.error_type, error.message)
+        if isinstance(error, PoisonMessage):
+            self.poisoned += 1
+        # A load failure is logged once, by the pool; anything else is one warning line, a
+        # handler's exception with its stack trace (its last lines, bounded).
+        if isinstance(error, FunctionLoadError):
+            log.debug("rule %s: function %s request %s: %s: %s", self.rule.name, self.function.name,
+                      invocation.request_id, error.error_type, error.message)
+        else:
+            log.warning("rule %s: function %s request %s: %s: %s%s", self.rule.name, self.function.name,
+                        invocation.request_id, error.error_type, error.message, _trace(error))
         self._envelope(invocation, error, users)
 
     def _envelope(self, invocation: Invocation, error: InvocationError, users: Any,
@@ -391,4 +397,19 @@ class RuleRunner:
     def stats(self) -> dict:
         return {"received": self.received, "published": self.published, "failed": self.failed,
                 "dropped": self.dropped, "expired": self.expired, "undeliverable": self.undeliverable,
-                "refused": self.refused, "pending": self.pending}
+                "refused": self.refused, "poisoned": self.poisoned, "pending": self.pending}
+
+
+_TRACE_LINES = 30      # a handler's stack trace in the log: its last lines
+_TRACE_CHARS = 4000    # and at most this much of it
+
+
+def _trace(error: InvocationError) -> str:
+    """The error's stack trace for a log line: its last lines, bounded; "" without one."""
+    lines = [line.rstrip("\n") for line in error.stack_trace if line.strip()][-_TRACE_LINES:]
+    if not lines:
+        return ""
+    text = "\n".join(lines)
+    if len(text) > _TRACE_CHARS:
+        text = "..." + text[-_TRACE_CHARS:]
+    return "\n" + text

@@ -152,7 +152,7 @@ def test_none_publishes_nothing_and_acknowledges(broker, daemon_factory, collect
 
 
 def test_handler_exception_publishes_the_envelope_and_keeps_the_instance(broker, daemon_factory, collector):
-    daemon_factory([function("fail", "tools.fail")], [rule("r1", "in", "fail", "out")],
+    daemon = daemon_factory([function("fail", "tools.fail")], [rule("r1", "in", "fail", "out")],
                    files={"fn/tools.py": TOOLS})
     payload = json.dumps({"device": "111", "value": "ü"}).encode()
     publish(broker, "in", payload, qos=1)
@@ -166,6 +166,10 @@ def test_handler_exception_publishes_the_envelope_and_keeps_the_instance(broker,
     assert any('File "tools.py", line 15, in fail' in line for line in trace), trace
     assert any('File "tools.py", line 18, in divide' in line for line in trace), trace
     assert not any("runtime_python" in line for line in trace), trace
+    # The log: one warning with the type, the message, the request id and the stack trace.
+    line = next(line for line in daemon.log().splitlines() if envelope["requestId"] in line and "WARNING" in line)
+    assert "ZeroDivisionError: division by zero" in line, line
+    assert 'File "tools.py", line 18, in divide' in daemon.log().split(line, 1)[1][:2000]
     packet = envelope["packet"]
     assert base64.b64decode(packet["Message"]["Payload"]) == payload
     assert packet["Message"]["Topic"] == "in"

@@ -6,6 +6,7 @@ import concurrent.futures
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -445,6 +446,28 @@ def test_metrics_move_with_traffic(broker, daemon_factory):
     assert metric('openedge_function_messages_in_total{rule="r1"}') == 3
     assert metric(ok) == 8
     assert metric('openedge_function_dropped_qos0_total{rule="r1"}') == 0
+    for counter in ("refused", "poisoned", "expired", "undeliverable"):
+        assert f'openedge_function_messages_{counter}_total{{rule="r1"}} 0.0' in \
+            request(port, "GET", "/metrics")[2].decode()
+    # The version, in /metrics and /status, is the package's.
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")) as fh:
+        version = re.search(r'^version = "([^"]+)"', fh.read(), re.M).group(1)
+    assert metric(f'openedge_function_build_info{{version="{version}"}}') == 1
+    assert json.loads(request(port, "GET", "/status")[2])["version"] == version
+
+
+def test_code_that_does_not_load_is_counted_and_flagged(broker, daemon_factory):
+    port = free_port()
+    daemon_factory([function("broken", "missing.handler")], [rule("r1", "in", "broken", "out")],
+                   files={"fn/tools.py": TOOLS}, server={"address": f"127.0.0.1:{port}"})
+    publish(broker, "in", b"{}", count=2)
+
+    def text() -> str:
+        return request(port, "GET", "/metrics")[2].decode()
+    wait_until(lambda: 'openedge_function_invocations_total{function="broken",outcome="FunctionLoadError"} 2.0'
+               in text(), 30, message="the FunctionLoadErrors counted")
+    assert 'openedge_function_failing{function="broken"} 1.0' in text()
+    assert re.search(r'openedge_function_load_failures_total\{function="broken"\} [1-9]', text())
 
 
 def test_cli_invoke_and_status(api):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
-from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_created_metrics,
+from prometheus_client import (CollectorRegistry, Counter, Histogram, Info, disable_created_metrics,
                                generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ..version import __version__
 
 if TYPE_CHECKING:
     from ..broker import Publisher
@@ -38,18 +40,22 @@ class Metrics:
         self.duration = Histogram("openedge_function_duration_seconds", "Handler run time",
                                   ["function"], buckets=_BUCKETS, registry=self.registry)
         self.registry.register(_DaemonCollector(pools, rules, publisher))
+        Info("openedge_function_build", "The daemon's version", registry=self.registry).info(
+            {"version": __version__})
 
-    def observer(self, function: str) -> Callable[[str, float], None]:
-        """What a pool calls after each invocation: (outcome, seconds)."""
+    def observer(self, function: str) -> Callable[[str, Optional[float]], None]:
+        """What a pool calls after each invocation: (outcome, seconds; None when it did not run,
+        as a FunctionLoadError)."""
         histogram = self.duration.labels(function)
         counters: Dict[str, Counter] = {}
 
-        def observe(outcome: str, seconds: float) -> None:
+        def observe(outcome: str, seconds: Optional[float]) -> None:
             counter = counters.get(outcome)
             if counter is None:
                 counter = counters[outcome] = self.invocations.labels(function, outcome)
             counter.inc()
-            histogram.observe(seconds)
+            if seconds is not None:
+                histogram.observe(seconds)
         return observe
 
     def render(self) -> Tuple[bytes, str]:
@@ -72,12 +78,19 @@ class _DaemonCollector:
                                    labels=["function"])
         pool_dropped = CounterMetricFamily("openedge_function_pool_dropped_qos0",
                                            "QoS 0 messages dropped at a full queue", labels=["function"])
+        load_failures = CounterMetricFamily("openedge_function_load_failures", "Instances that did not "
+                                            "start (the code does not load, or it crashed at start)",
+                                            labels=["function"])
+        failing = GaugeMetricFamily("openedge_function_failing", "1 while the function's instances "
+                                    "cannot start", labels=["function"])
         for name, pool in list(self._pools().items()):
             stats = pool.stats()
             for state in _STATES:
                 instances.add_metric([name, state], stats["states"].get(state, 0))
             queued.add_metric([name], stats["queued"])
             pool_dropped.add_metric([name], stats["dropped"])
+            load_failures.add_metric([name], stats["load_failures"])
+            failing.add_metric([name], 1 if stats["failing"] else 0)
         received = CounterMetricFamily("openedge_function_messages_in", "Messages received by rule",
                                        labels=["rule"])
         published = CounterMetricFamily("openedge_function_messages_out", "Outcomes published by rule "
@@ -88,6 +101,12 @@ class _DaemonCollector:
                                       labels=["rule"])
         connected = GaugeMetricFamily("openedge_function_broker_connected", "1 when the connection to "
                                       "the broker is up", labels=["connection"])
+        refusals = {key: CounterMetricFamily(f"openedge_function_messages_{key}", text, labels=["rule"])
+                    for key, text in (
+                        ("refused", "MQTT 5 requests not run: their response topic is refused"),
+                        ("poisoned", "Messages answered with PoisonMessage instead of run"),
+                        ("expired", "MQTT 5 messages that expired before an instance was free"),
+                        ("undeliverable", "Messages acknowledged with no outcome the broker would take"))}
         for runner in list(self._rules()):
             stats = runner.stats()
             rule = runner.rule.name
@@ -95,8 +114,11 @@ class _DaemonCollector:
             published.add_metric([rule], stats["published"])
             failed.add_metric([rule], stats["failed"])
             dropped.add_metric([rule], stats["dropped"])
+            for key, family in refusals.items():
+                family.add_metric([rule], stats[key])
             connected.add_metric([f"rule {rule}"], 1 if runner.intake.connected.is_set() else 0)
         publisher = self._publisher()
         if publisher is not None:
             connected.add_metric(["publisher"], 1 if publisher.connected.is_set() else 0)
-        yield from (instances, queued, pool_dropped, received, published, failed, dropped, connected)
+        yield from (instances, queued, pool_dropped, load_failures, failing, received, published, failed,
+                    dropped, *refusals.values(), connected)

@@ -6,6 +6,7 @@ import os
 import time
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple
 
+from ..version import __version__
 from ..config import AppConfig
 
 
@@ -70,7 +71,7 @@ def status(daemon: Running) -> Dict[str, Any]:
                                 "connected": runner.intake.connected.is_set(), **runner.stats()}
              for runner in list(daemon.rules)}
     publisher = daemon.publisher
-    return {"pid": os.getpid(), "uptime_s": round(time.time() - daemon.started_at, 1),
+    return {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.time() - daemon.started_at, 1),
             "healthy": ok, "reasons": reasons, "warnings": warnings,
             "broker": {"address": daemon.config.hub.address,
                        "connected": bool(publisher and publisher.connected.is_set())},
