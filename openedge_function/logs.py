@@ -6,6 +6,7 @@ and carries no time of its own, since the journal keeps one.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import logging.handlers
@@ -16,10 +17,23 @@ from typing import List
 from .config import LoggerConfig
 
 
+# What a record may carry for a JSON line's own fields (`extra=` at the call): the rule, the
+# function, the instance and the request it is about.
+FIELDS = ("rule", "function", "instance", "request_id")
+
+
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: an ISO 8601 time with its zone, the level, the logger, the
+    message, and the rule, function, instance and request id as fields where the line has them."""
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record), "level": record.levelname.lower(),
-                 "logger": record.name, "message": record.getMessage()}
+        entry = {"time": datetime.datetime.fromtimestamp(record.created).astimezone().isoformat(
+                     timespec="milliseconds"),
+                 "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        for field in FIELDS:
+            value = record.__dict__.get(field)
+            if value:
+                entry[field] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

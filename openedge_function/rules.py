@@ -282,7 +282,9 @@ class RuleRunner:
                       invocation.request_id, error.error_type, error.message)
         else:
             log.warning("rule %s: function %s request %s: %s: %s%s", self.rule.name, self.function.name,
-                        invocation.request_id, error.error_type, error.message, _trace(error))
+                        invocation.request_id, error.error_type, error.message, _trace(error),
+                        extra={"rule": self.rule.name, "function": self.function.name,
+                               "request_id": invocation.request_id})
         self._envelope(invocation, error, users)
 
     def _envelope(self, invocation: Invocation, error: InvocationError, users: Any,

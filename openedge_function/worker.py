@@ -242,4 +242,6 @@ class Worker:
         summary_log.info(
             "request %s: function %s, memory %s, duration %.2f ms, used %s, billed %d ms, outcome %s",
             invocation.request_id, self.pool.function.name, f"{limit >> 20} MB" if limit else "unlimited",
-            millis, f"{used >> 20} MB" if used else "unknown", billed, outcome)
+            millis, f"{used >> 20} MB" if used else "unknown", billed, outcome,
+            extra={"function": self.pool.function.name, "instance": self.instance.id,
+                   "request_id": invocation.request_id})

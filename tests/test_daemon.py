@@ -477,3 +477,25 @@ def test_children_of_the_daemon_survive_grpc_at_work():
         """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "[]", (done.stdout, done.stderr[-2000:])
+
+
+def test_json_log_lines_carry_their_function_instance_and_request_and_a_zoned_time(
+        broker, daemon_factory, collector):
+    daemon = daemon_factory([function("fail", "tools.fail")], [rule("r1", "in", "fail", "out")],
+                            files={"fn/tools.py": TOOLS},
+                            logger={"level": "info", "console": True, "format": "json"})
+    publish(broker, "in", b'{"say": "hello"}', qos=1)
+    envelope = json.loads(wait_until(lambda: collector.on("out"), message="the envelope")[0].payload)
+    request_id = envelope["requestId"]
+
+    def entries() -> list:
+        return [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+    wait_until(lambda: any(e.get("logger") == "openedge_function.summary" and e.get("request_id") == request_id
+                           for e in entries()), message="the summary line")
+    found = entries()
+    assert found and all(re.search(r"T\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d$", e["time"]) for e in found), found[:3]
+    summary = next(e for e in found if e["logger"] == "openedge_function.summary")
+    assert summary["function"] == "fail" and summary["instance"] == "fail-1", summary
+    failure = next(e for e in found if e["level"] == "warning" and e.get("request_id") == request_id)
+    assert failure["rule"] == "r1" and failure["function"] == "fail", failure
+    assert "ZeroDivisionError" in failure["message"]

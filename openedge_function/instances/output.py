@@ -42,7 +42,9 @@ class HandlerOutput:
                 return
             line = fitting
         output_log.log(level, "function=%s instance=%s request=%s: %s", self._function,
-                       self._instance_id, request_id or "-", line)
+                       self._instance_id, request_id or "-", line,
+                       extra={"function": self._function, "instance": self._instance_id,
+                              "request_id": request_id})
 
     def _within_budget(self, request_id: str, line: str) -> Optional[str]:
         """What of an unmarked line fits in its invocation's output budget (log.max), the marker
