@@ -111,12 +111,16 @@ def client_main(argv: List[str]) -> int:
                              help=f"the daemon's configuration, for its server (default: {DEFAULT_HELP})")
     args = parser.parse_args(argv)
     address, token = args.address, args.token
+    hint = ""   # what to say when no daemon answers
     if address is None and not os.environ.get(ADDRESS_ENV):
-        address, configured_token = _server_of(args.config or default_config())
+        path = args.config or default_config()
+        address, configured_token = _server_of(path)
         token = token if token is not None or os.environ.get(TOKEN_ENV) else configured_token
+        if address is None:
+            hint = _no_server(path)
     client = Client(address=address, token=token)
     if args.command == "status":
-        return _status(client)
+        return _status(client, hint)
     raw = sys.stdin.buffer.read() if args.event == "-" else (
         None if args.event is None else args.event.encode("utf-8"))
     data: object = raw
@@ -132,6 +136,8 @@ def client_main(argv: List[str]) -> int:
             "errorMessage": exc.message, "errorType": exc.code, "stackTrace": exc.stack_trace,
             "requestId": exc.request_id}
         print(json.dumps(envelope, indent=2, ensure_ascii=False))
+        if exc.code == "ConnectionError" and hint:
+            print(f"openedge-function: {hint}", file=sys.stderr)
         return 1
     if isinstance(result, bytes):
         sys.stdout.buffer.write(result)
@@ -158,11 +164,23 @@ def _server_of(path: str) -> "tuple[Optional[str], Optional[str]]":
     return address, server.token or None
 
 
-def _status(client: Client) -> int:
+def _no_server(path: str) -> str:
+    """Why the configuration at `path` gave no server to ask, and what to do about it."""
+    if not os.path.exists(path):
+        return (f"there is no configuration at {path} to find the daemon's server in: name it with "
+                f"-c CONFIG, or the server with --address HOST:PORT (or ${ADDRESS_ENV})")
+    return (f"{path} sets up no HTTP server (no server: section, or one that cannot be read), so its "
+            f"daemon has nothing to ask; add `server: {{address: 127.0.0.1:8080}}` and reload it "
+            f"(SIGHUP), or name another daemon's server with --address HOST:PORT")
+
+
+def _status(client: Client, hint: str = "") -> int:
     try:
         status = client.status()
     except InvokeError as exc:
         print(f"openedge-function: {exc}", file=sys.stderr)
+        if exc.code == "ConnectionError" and hint:
+            print(f"openedge-function: {hint}", file=sys.stderr)
         return 1
     print(f"daemon pid {status['pid']}, up {status['uptime_s']}s, broker {status['broker']['address']} "
           f"({'connected' if status['broker']['connected'] else 'NOT connected'}), "

@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
+import pytest
 import yaml
 
 from tests.helpers import (Collector, free_port, function, make_wheel, publish, rule, wait_until,
@@ -444,3 +445,17 @@ def test_a_server_listening_everywhere_is_reached_on_loopback(tmp_path):
     config.write_text("server: {address: '0.0.0.0:8126'}\n")   # the daemon refuses it: no token
     assert _server_of(str(config)) == (None, None)
     assert _server_of(str(tmp_path / "missing.yml")) == (None, None)
+
+
+def test_status_without_a_server_says_why_and_what_to_do(tmp_path):
+    """`status` and `invoke` once said only "Connection refused", nothing of the server being off."""
+    config = tmp_path / "application.yml"
+    config.write_text("functions: []\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENEDGE_FUNCTION_")}
+    for path, words in ((config, "sets up no HTTP server"), (tmp_path / "none.yml", "there is no configuration at")):
+        for command in (["status"], ["invoke", "f", "{}"]):
+            done = subprocess.run(CLI + command + ["-c", str(path)], env=env, capture_output=True, text=True,
+                                  timeout=60)
+            if "cannot reach the daemon" not in done.stderr + done.stdout:
+                pytest.skip("something answers at the default address here")
+            assert done.returncode == 1 and words in done.stderr and "--address" in done.stderr, done.stderr
