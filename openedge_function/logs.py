@@ -1,6 +1,7 @@
 """The daemon's log: a rotated file and/or stderr, as text or JSON lines.
 
-Under systemd, stderr goes to the journal: each line then starts with its syslog priority
+Under a service manager, stderr is the log (with a `path`, the file too). Under systemd, stderr
+goes to the journal: each line then starts with its syslog priority
 (`<3>` for an error, ...), which journald takes as the entry's level (`journalctl -p warning`),
 and carries no time of its own, since the journal keeps one.
 """
@@ -55,6 +56,12 @@ class JournalFormatter(logging.Formatter):
         return f"<{priority}>" + super().format(record).replace("\n", "\n    ")
 
 
+def under_service_manager() -> bool:
+    """Whether a service manager started the daemon and keeps its stderr as its log (systemd sets
+    INVOCATION_ID for a service and JOURNAL_STREAM for its journal)."""
+    return bool(os.environ.get("INVOCATION_ID") or os.environ.get("JOURNAL_STREAM"))
+
+
 def to_journal() -> bool:
     """Whether stderr is systemd's journal stream (systemd sets JOURNAL_STREAM to its device and inode)."""
     stream = os.environ.get("JOURNAL_STREAM", "")
@@ -81,7 +88,8 @@ def setup_logging(config: LoggerConfig) -> None:
         handlers.append(logging.handlers.RotatingFileHandler(
             config.path, maxBytes=config.size_max_mb << 20, backupCount=config.backup_max,
             encoding="utf-8"))
-    if config.console or not handlers:
+    console = config.console if config.console is not None else (not config.path or under_service_manager())
+    if console or not handlers:
         handlers.append(logging.StreamHandler(sys.stderr))
     journal = config.format == "text" and to_journal()
     for handler in handlers:

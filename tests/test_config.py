@@ -73,7 +73,7 @@ def test_defaults(tmp_path):
     assert config.hub.host == "127.0.0.1" and config.hub.port == 1883 and not config.hub.tls
     rule = config.rules[0]
     assert rule.subscribe.qos == 0 and rule.publish.qos == 0 and rule.function == "f"
-    assert config.logger.level == "info" and config.logger.console and config.logger.summary
+    assert config.logger.level == "info" and config.logger.console is None and config.logger.summary
 
 
 def test_openedge_configuration_loads_unchanged(tmp_path):

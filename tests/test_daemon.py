@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import signal
 import subprocess
@@ -499,3 +500,21 @@ def test_json_log_lines_carry_their_function_instance_and_request_and_a_zoned_ti
     failure = next(e for e in found if e["level"] == "warning" and e.get("request_id") == request_id)
     assert failure["rule"] == "r1" and failure["function"] == "fail", failure
     assert "ZeroDivisionError" in failure["message"]
+
+
+def test_under_a_service_manager_stderr_is_the_log_and_a_file_only_when_configured(broker, daemon_factory):
+    """A configured log file once took the log away from a service manager's journal (or doubled
+    it, with console: true)."""
+    logger = {"level": "info", "path": "var/oef.log"}
+    for service, expected in ((False, False), (True, True)):
+        env = {k: v for k, v in os.environ.items() if k not in ("INVOCATION_ID", "JOURNAL_STREAM")}
+        if service:
+            env["INVOCATION_ID"] = "0123456789abcdef0123456789abcdef"
+        daemon = daemon_factory([function("echo", "tools.echo")], [rule("r1", "in", "echo", "out")],
+                                files={"fn/tools.py": TOOLS}, logger=logger, wait=False)
+        daemon.stop()
+        daemon.start(wait=False, env=env)
+        path = os.path.join(daemon.directory, "var", "oef.log")
+        wait_until(lambda: os.path.exists(path) and ": subscribed to " in open(path).read(), 20,
+                   message="the log file")
+        assert (": subscribed to " in daemon.log()) is expected, (service, daemon.log()[-500:])

@@ -206,7 +206,8 @@ class LoggerConfig:
     path: Optional[str] = setting("path", None, nonempty_string)   # absolute once parsed
     level: str = setting("level", "info", log_level)
     format: str = setting("format", "text", one_of("text", "json"))
-    console: bool = setting("console", True)   # default: when there is no path
+    # None: stderr when there is no path, or under a service manager (whose log stderr is)
+    console: Optional[bool] = setting("console", None)
     size_max_mb: int = setting("size.max", 50, bounded_int(1, None))
     backup_max: int = setting("backup.max", 15, bounded_int(0, None))
     summary: bool = setting("summary", True, boolean)   # one execution-summary line per invocation

@@ -403,7 +403,7 @@ def _parse_limits(r: Reader) -> Limits:
 def _parse_logger(r: Reader, workdir: str) -> LoggerConfig:
     path = r.value(LoggerConfig, "path")
     return r.read(LoggerConfig, path=os.path.join(workdir, path) if path else None,
-                  console=r.get("console", boolean, path is None))
+                  console=r.get("console", boolean, None))
 
 
 def _parse_packages(r: Reader, workdir: str) -> Packages:
