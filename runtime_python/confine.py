@@ -23,6 +23,7 @@ import sys
 from typing import Any, Dict, Iterable
 
 from runtime_python.loader import LoadError
+from runtime_python.wire import TMP_DIRS
 
 _PR_SET_DUMPABLE = 4
 _PR_SET_NO_NEW_PRIVS = 38
@@ -71,7 +72,6 @@ def prctl(option: int, value: Any) -> bool:
         return False
 
 
-TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 _CLONE_NEWNS = 0x00020000
 _MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
 

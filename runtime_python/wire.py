@@ -41,6 +41,11 @@ def frame_max(call_max: int) -> int:
     return (call_max + 2) // 3 * 4 + (64 << 10)
 
 
+# The machine's shared temporary directories: an instance's own where it can (confine.py), else
+# cleared of what a function's user left there (the supervisor's isolation/rundir.py).
+TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+
+
 # The template's control socket.
 TEMPLATE_READY = "ready"
 PID = "pid"

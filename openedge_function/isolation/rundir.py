@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Optional, Set
 
+from runtime_python.wire import TMP_DIRS
+
 from ..config import Function
 from .cgroups import Cgroups
 from .users import RunAs, current
@@ -45,11 +47,8 @@ class RunDir:
         os.close(self._lock)
 
 
-SHARED_TMP = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
-
-
 def sweep_tmp(name: str, uid: int) -> int:
-    """Remove the entries of SHARED_TMP that `uid` owns, unless a process of `uid` still runs;
+    """Remove the entries of TMP_DIRS that `uid` owns, unless a process of `uid` still runs;
     how many were removed."""
     import psutil
     for process in psutil.process_iter(["uids"]):
@@ -57,7 +56,7 @@ def sweep_tmp(name: str, uid: int) -> int:
         if uids is not None and uid in (uids.real, uids.effective):
             return 0
     removed = 0
-    for directory in SHARED_TMP:
+    for directory in TMP_DIRS:
         try:
             entries = list(os.scandir(directory))
         except OSError:
@@ -75,7 +74,7 @@ def sweep_tmp(name: str, uid: int) -> int:
                 continue
     if removed:
         log.info("function %s: removed %d files and directories its user (uid %d) left in %s",
-                 name, removed, uid, ", ".join(SHARED_TMP))
+                 name, removed, uid, ", ".join(TMP_DIRS))
     return removed
 
 
