@@ -26,6 +26,10 @@ from typing import Any, Callable, Dict, List, Optional
 from runtime_python.wire import CALL, LENGTH, REPLY, frame
 
 
+class CallTooLarge(ValueError):
+    """A call's body over what a call carries (the largest instance.message.length.max)."""
+
+
 class Channel:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
@@ -68,7 +72,7 @@ class Channel:
     def call(self, function: str, body: bytes, headers: Dict[str, str], query: Dict[str, str],
              timeout: Optional[float]) -> "tuple[int, Dict[str, str], bytes]":
         """Ask the supervisor to run `function`; (status, headers, body) as the HTTP API answers.
-        Raises TimeoutError, ConnectionError when the supervisor is gone, ValueError for a body
+        Raises TimeoutError, ConnectionError when the supervisor is gone, CallTooLarge for a body
         over the largest a call carries, ChildProcessError in a process the handler forked."""
         if os.getpid() != self._pid:
             raise ChildProcessError(
@@ -76,7 +80,7 @@ class Channel:
                 f"process it started (pid {os.getpid()}): call it from the handler, or pass the "
                 "result to the child")
         if len(body) > self.call_max:
-            raise ValueError(f"the call's body of {len(body)} bytes is over the {self.call_max} bytes "
+            raise CallTooLarge(f"the call's body of {len(body)} bytes is over the {self.call_max} bytes "
                              "a call carries (the largest instance.message.length.max)")
         call_id = next(self._ids)
         waiter = [threading.Event(), None]

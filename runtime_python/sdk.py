@@ -121,7 +121,7 @@ class Client:
                 raise InvokeError("ConnectionError", f"cannot reach the daemon: {exc}") from None
             except ChildProcessError as exc:
                 raise InvokeError("NotTheInstance", str(exc)) from None
-            except ValueError as exc:
+            except channel.CallTooLarge as exc:
                 raise InvokeError("MessageTooLarge", str(exc)) from None
         else:
             status, reply_headers, payload = self._request("POST", path, body, headers, timeout)
