@@ -267,10 +267,10 @@ def _channel_class() -> type:
         def __init__(self, server: Any, sock: Any, addr: Any, adj: Any, map: Any = None) -> None:
             super().__init__(server, sock, addr, adj, map)
             self.waiting_since = time.monotonic()
-            client = addr[0] if isinstance(addr, tuple) else addr
+            client = _client(addr)
             waiting = [channel for channel in list(server._map.values())
                        if getattr(channel, "waiting_since", 0.0) and channel is not self
-                       and (channel.addr[0] if isinstance(channel.addr, tuple) else channel.addr) == client]
+                       and _client(channel.addr) == client]
             if len(waiting) >= WAITING_PER_CLIENT:
                 oldest = min(waiting, key=lambda channel: channel.waiting_since)
                 oldest.waiting_since = 0.0
@@ -291,7 +291,7 @@ def _channel_class() -> type:
                 return False
             if now - self.waiting_since <= HEADER_TIMEOUT:
                 return False
-            client = self.addr[0] if isinstance(self.addr, tuple) else self.addr
+            client = _client(self.addr)
             if request is not None or not self.served:   # an idle keep-alive one just closes
                 _note_slow(client, f"a request's headers took over {HEADER_TIMEOUT:g} s: closed")
             self.waiting_since = 0.0
@@ -340,6 +340,11 @@ def _channel_class() -> type:
 
 
 _slow_noted: Dict[str, float] = {}
+
+
+def _client(addr: Any) -> str:
+    """A connection's client address, without its port."""
+    return addr[0] if isinstance(addr, tuple) else addr
 
 
 def _note_slow(client: str, what: str) -> None:
