@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
-from typing import Any, Dict, Iterable
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 from runtime_python.loader import LoadError
 from runtime_python.wire import TMP_DIRS
@@ -81,16 +81,22 @@ tmp_status = "shared: not set up"   # "private", or "shared: why not"
 def reachable(path: str, uid: int, gid: int) -> bool:
     """Whether user `uid` (group `gid`, no other groups) may pass down to `path` and read it, by
     the mode bits (checked as root, before becoming that user)."""
-    if uid == 0:
-        return True
+    return uid == 0 or _first_stop(path, lambda directory, need: _may(directory, uid, gid, need)) is None
+
+
+def _first_stop(path: str, may: Callable[[str, int], bool]) -> Optional[Tuple[str, int]]:
+    """The first place on the way down to `path` that `may(place, need)` refuses, and the need it
+    refused (0o1: pass through; 0o5 or 0o4: read the directory or file itself); None: nothing."""
     path = os.path.abspath(path)
     above, current = [], path
     while current != os.path.dirname(current):
         current = os.path.dirname(current)
         above.append(current)
-    if not all(_may(directory, uid, gid, 0o1) for directory in above):
-        return False
-    return _may(path, uid, gid, 0o5 if os.path.isdir(path) else 0o4)
+    for directory in reversed(above):
+        if not may(directory, 0o1):
+            return directory, 0o1
+    need = 0o5 if os.path.isdir(path) else 0o4
+    return None if may(path, need) else (path, need)
 
 
 def _may(path: str, uid: int, gid: int, need: int) -> bool:
@@ -202,15 +208,11 @@ def blocker(path: str) -> str:
     """What stops this process's user from reading directory `path`: the first directory on the
     way down that it may not pass (or `path` itself, which it may not list), with the command
     that lets it."""
-    parts = os.path.abspath(path).split(os.sep)[1:]
-    current = "/"
-    for part in parts:
-        if not os.access(current, os.X_OK):
-            return _stops(current, "pass through", "o+x")
-        current = os.path.join(current, part)
-    if not os.access(current, os.R_OK | os.X_OK):
-        return _stops(current, "read", "-R o+rX")
-    return f"{current} is readable now"
+    stop = _first_stop(path, os.access)   # os.R_OK and os.X_OK are the mode bits 0o4 and 0o1
+    if stop is None:
+        return f"{path} is readable now"
+    directory, need = stop
+    return _stops(directory, "pass through", "o+x") if need == 0o1 else _stops(directory, "read", "-R o+rX")
 
 
 def _stops(directory: str, what: str, mode: str) -> str:
