@@ -236,7 +236,9 @@ def test_a_killed_daemon_leaves_nothing_for_the_next_start(tmp_path, broker):
     second.start(wait=False, env=env)
     try:
         wait_until(lambda: not os.path.exists(left), 30, message="the stale run directory to go")
-        assert "left by a daemon that did not stop cleanly" in second.log()
+        # Logged once it is gone (a moment after).
+        wait_until(lambda: "left by a daemon that did not stop cleanly" in second.log(), 10,
+                   message="the removal to be logged")
         wait_until(lambda: len(glob.glob(str(rundirs / "openedge-function-*"))) == 1, 30,
                    message="the second daemon's run directory")
     finally:
