@@ -36,13 +36,37 @@ def load(entry: str, codedir: str, what: str = "handler") -> Callable:
     except BaseException as exc:  # an exception at import time, whatever it is
         raise LoadError(f"{what} {entry}: importing {module_name!r} raised "
                         f"{type(exc).__name__}: {exc}", user_frames(exc, codedir)) from None
+    where = relative(getattr(module, "__file__", None) or module_name, codedir)
     try:
         function = getattr(module, attr)
     except AttributeError:
-        raise LoadError(f"{what} {entry}: module {module_name!r} has no attribute {attr!r}", []) from None
+        import difflib   # only when it is needed: instances start without it
+        names = [name for name, value in vars(module).items() if callable(value) and not name.startswith("_")]
+        close = difflib.get_close_matches(attr, names, 1)
+        raise LoadError(f"{what} {entry}: module {module_name!r} has no attribute {attr!r} (in {where}"
+                        f"{f'; did you mean {close[0]!r}?' if close else ''})", []) from None
     if not callable(function):
-        raise LoadError(f"{what} {entry}: {attr!r} is a {type(function).__name__}, not a function", [])
+        raise LoadError(f"{what} {entry}: {attr!r} is a {type(function).__name__}, not a function "
+                        f"(in {where})", [])
     return function
+
+
+def check_call(function: Callable, entry: str, codedir: str, what: str, arguments: str) -> None:
+    """Raise LoadError when `function` cannot be called with `arguments` (e.g. "event, context"),
+    naming where it is defined. (A check's, not an instance's: inspect is imported here.)"""
+    import inspect
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return   # a builtin, or something else Python cannot tell: called as it is
+    try:
+        signature.bind(*arguments.split(", "))
+    except TypeError:
+        code = getattr(inspect.unwrap(function), "__code__", None)
+        where = (f" ({relative(code.co_filename, codedir)}, line {code.co_firstlineno})"
+                 if code is not None else "")
+        raise LoadError(f"{what} {entry}{where}: takes {signature} but is called with ({arguments})",
+                        []) from None
 
 
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__))

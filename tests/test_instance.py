@@ -86,10 +86,12 @@ def test_an_instance_serves_on_a_private_unix_socket(tmp_path, rundir, watcher, 
     ({"main.py": "import notinstalled_xyz\ndef handler(e, c): pass\n"}, "main.handler",
      "importing 'main' failed: No module named 'notinstalled_xyz'"),
     ({"main.py": "def handler(e, c)\n    pass\n"}, "main.handler", "syntax error in main.py, line 1"),
-    ({"main.py": "def other(e, c): pass\n"}, "main.handler", "module 'main' has no attribute 'handler'"),
+    ({"main.py": "def other(e, c): pass\n"}, "main.handler", "module 'main' has no attribute 'handler' (in main.py)"),
+    ({"main.py": "def handlr(e, c): pass\n"}, "main.handler",
+     "module 'main' has no attribute 'handler' (in main.py; did you mean 'handlr'?)"),
     ({"main.py": "raise RuntimeError('no config file')\n"}, "main.handler",
      "importing 'main' raised RuntimeError: no config file"),
-    ({"main.py": "handler = 42\n"}, "main.handler", "'handler' is a int, not a function"),
+    ({"main.py": "handler = 42\n"}, "main.handler", "'handler' is a int, not a function (in main.py)"),
 ])
 def test_load_failures_say_what_failed_and_why(tmp_path, rundir, watcher, files, handler, words):
     codedir = tmp_path / "code"
