@@ -11,13 +11,13 @@ from typing import List, Optional
 import yaml
 
 from .version import __version__
-from .config import load_config
-from .config.parser import parse_server
-from .config.layout import DEFAULT_HELP, default_config, default_workdir
+from .config import AppConfig, load_config
+from .config.parser import parse_control, parse_server
+from .config.layout import DEFAULT_HELP, control_sockets, default_config, default_workdir
 from .daemon import Daemon
 from .errors import ConfigError, ServerError
 from .isolation import plan
-from .sdk import ADDRESS_ENV, DEFAULT_ADDRESS, TOKEN_ENV, Client, InvokeError
+from .sdk import ADDRESS_ENV, TOKEN_ENV, Client, InvokeError
 from .logs import setup_logging
 
 EXIT_CONFIG = 2
@@ -39,7 +39,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _main(argv: List[str]) -> int:
-    if argv and argv[0] in ("invoke", "status"):
+    if argv and argv[0] in ("invoke", "status", "reload", "restart"):
         return client_main(argv)
     if argv and argv[0] == "run":
         from .commands.run import main as run_main
@@ -80,8 +80,7 @@ def _main(argv: List[str]) -> int:
             print(f"openedge-function: configuration error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     if args.check:
-        print(f"{args.config}: ok ({len(config.functions)} functions, {len(config.rules)} rules)")
-        return 0
+        return _check(args.config, config)
     # What the daemon writes (its log, its journal) is its own: functions run as other users.
     os.umask(0o077)
     setup_logging(config.logger)
@@ -92,8 +91,24 @@ def _main(argv: List[str]) -> int:
         return 1
 
 
+def _check(path: str, config: AppConfig) -> int:
+    """`--check`: the configuration is valid; now load every function as it will run."""
+    from .deploy.check import check_all, describe
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    os.umask(0o077)
+    failed = check_all(config)
+    for index, function, error in failed:
+        print(f"openedge-function: {path}: {describe(index, function, error)}", file=sys.stderr)
+    if failed:
+        return EXIT_CONFIG
+    print(f"{path}: ok ({len(config.functions)} functions, {len(config.rules)} rules; every handler "
+          "loads as its user)")
+    return 0
+
+
 def client_main(argv: List[str]) -> int:
-    """`invoke` and `status`: talk to a running daemon's HTTP server."""
+    """`invoke`, `status`, `reload` and `restart`: talk to a running daemon, over its control socket
+    (api/control.py) or its HTTP server."""
     parser = argparse.ArgumentParser(prog="openedge-function", description="Talk to a running daemon.")
     commands = parser.add_subparsers(dest="command", required=True)
     invoke = commands.add_parser("invoke", help="run a function and print its result")
@@ -101,44 +116,135 @@ def client_main(argv: List[str]) -> int:
     invoke.add_argument("event", nargs="?", default=None,
                         help="the event: JSON, else sent as bytes; '-' reads standard input")
     status = commands.add_parser("status", help="print functions, instances and counters")
-    for command in (invoke, status):
-        command.add_argument("--address", default=None,
-                             help=f"host:port of the daemon's server (default: ${ADDRESS_ENV}, else the "
-                                  f"configuration's server.address, else {DEFAULT_ADDRESS})")
-        command.add_argument("--token", default=None,
-                             help=f"bearer token (default: ${TOKEN_ENV}, else the configuration's server.token)")
+    reload = commands.add_parser("reload", help="re-read the configuration (as SIGHUP does) and say how it went")
+    restart = commands.add_parser("restart", help="start new instances of a function's code; the old "
+                                  "ones finish what they run")
+    restart.add_argument("function")
+    for command in (invoke, status, reload, restart):
         command.add_argument("-c", "--config", default=None,
-                             help=f"the daemon's configuration, for its server (default: {DEFAULT_HELP})")
+                             help=f"the daemon's configuration, to find it by (default: {DEFAULT_HELP})")
+        command.add_argument("--socket", default=None,
+                             help="the daemon's control socket (default: the configuration's control.socket, "
+                                  "else where the daemon of that configuration puts it)")
+        command.add_argument("--address", default=None,
+                             help=f"host:port of the daemon's HTTP server instead (default: ${ADDRESS_ENV})")
+        command.add_argument("--token", default=None,
+                             help=f"bearer token for the HTTP server, which is then asked instead of the "
+                                  f"control socket (default: ${TOKEN_ENV}, else the configuration's server.token)")
     args = parser.parse_args(argv)
-    address, token = args.address, args.token
-    hint = ""   # what to say when no daemon answers
-    if address is None and not os.environ.get(ADDRESS_ENV):
-        path = args.config or default_config()
-        address, configured_token = _server_of(path)
-        token = token if token is not None or os.environ.get(TOKEN_ENV) else configured_token
-        if address is None:
-            hint = _no_server(path)
-    client = Client(address=address, token=token)
-    if args.command == "status":
-        return _status(client, hint)
-    raw = sys.stdin.buffer.read() if args.event == "-" else (
-        None if args.event is None else args.event.encode("utf-8"))
-    data: object = raw
-    if raw is not None:
+    args.data = _event(args.event) if args.command == "invoke" else None   # read once, whichever way
+    ways, looked = _ways(args)
+    tried: List[str] = []
+    for where, client in ways:
         try:
-            data = json.loads(raw)
-        except ValueError:
-            pass
+            return _command(args, client)
+        except _Unreachable as exc:
+            tried.append(f"  {where}: {exc}")
+    print(f"openedge-function: no daemon answers for {looked}", file=sys.stderr)
+    for line in tried:
+        print(line, file=sys.stderr)
+    if not ways:
+        print("  (nowhere to look)", file=sys.stderr)
+    print("Is the daemon running (systemctl status openedge-function)? Name another one with -c CONFIG, "
+          "--socket PATH or --address HOST:PORT.", file=sys.stderr)
+    return 1
+
+
+class _Unreachable(Exception):
+    """No daemon at this address: try the next."""
+
+
+_NOBODY_THERE = ("No such file", "Connection refused", "Permission denied", "Name or service not known")
+
+
+def _ways(args: argparse.Namespace) -> "tuple[List[tuple[str, Client]], str]":
+    """Where to reach the daemon, in order (a description, a client), and what it was looked for by."""
+    if args.address or os.environ.get(ADDRESS_ENV):
+        address = args.address or os.environ[ADDRESS_ENV]
+        return [(f"HTTP server {address}", Client(address=address, token=args.token))], f"--address {address}"
+    path = args.config or default_config()
+    ways = []
+    # A token is the HTTP server's: given one, the command asks the server.
+    for socket_path in [args.socket] if args.socket else [] if args.token is not None else _sockets_of(path):
+        ways.append((f"control socket {socket_path}", Client(address="unix:" + socket_path, token="")))
+    address, configured_token = _server_of(path)
+    if address is not None:
+        token = args.token if args.token is not None or os.environ.get(TOKEN_ENV) else configured_token
+        ways.append((f"HTTP server {address}", Client(address=address, token=token)))
+    looked = f"--socket {args.socket}" if args.socket else f"the configuration {os.path.abspath(path)}"
+    if not os.path.exists(path) and not args.socket:
+        looked += " (which does not exist)"
+    elif address is None and not args.socket:
+        looked += " (its HTTP server is off: no server: section)"
+    return ways, looked
+
+
+def _sockets_of(path: str) -> List[str]:
+    """The control sockets the daemon of the configuration at `path` may listen on."""
     try:
-        result = client.invoke(args.function, data=data)
+        with open(path, "rb") as fh:
+            data = yaml.safe_load(fh)
+        section = data.get("control") if isinstance(data, dict) else None
+        if section:
+            configured = parse_control(section, path).socket
+            if configured:
+                return [configured]
+    except (OSError, yaml.YAMLError, ConfigError):
+        pass
+    return control_sockets(path)
+
+
+def _command(args: argparse.Namespace, client: Client) -> int:
+    """Run the command through `client`; _Unreachable when nothing answers there."""
+    try:
+        if args.command == "status":
+            return _status(client.status())
+        if args.command in ("reload", "restart"):
+            return _verb(client, "/reload" if args.command == "reload" else f"/restart/{args.function}")
+        return _invoke(args, client)
     except InvokeError as exc:
+        if exc.code == "ConnectionError" and any(text in exc.message for text in _NOBODY_THERE):
+            raise _Unreachable(exc.message.rpartition(": ")[2]) from None
+        if exc.code in ("ConnectionError", "InvokeTimeout") or args.command != "invoke":
+            print(f"openedge-function: {exc}", file=sys.stderr)
+            return 1
         envelope = exc.response if isinstance(exc.response, dict) else {
             "errorMessage": exc.message, "errorType": exc.code, "stackTrace": exc.stack_trace,
             "requestId": exc.request_id}
         print(json.dumps(envelope, indent=2, ensure_ascii=False))
-        if exc.code == "ConnectionError" and hint:
-            print(f"openedge-function: {hint}", file=sys.stderr)
         return 1
+
+
+def _verb(client: Client, path: str) -> int:
+    status, _, payload = client._request("POST", path, b"", {}, 90.0)
+    try:
+        answer = json.loads(payload)
+    except ValueError:
+        answer = {}
+    if status == 404 and "ok" not in answer:
+        print("openedge-function: the HTTP server takes reload and restart only with a server.token; "
+              "without one, use the control socket (as root, or with --socket)", file=sys.stderr)
+        return 1
+    if status == 401:
+        print(f"openedge-function: {answer.get('errorMessage', 'unauthorized')}", file=sys.stderr)
+        return 1
+    print(answer.get("message", payload.decode("utf-8", "replace")))
+    return 0 if answer.get("ok") else 1
+
+
+def _event(event: Optional[str]) -> object:
+    """The event to send: JSON decoded, else bytes; '-' reads standard input."""
+    raw = sys.stdin.buffer.read() if event == "-" else None if event is None else event.encode("utf-8")
+    if raw is not None:
+        try:
+            return json.loads(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def _invoke(args: argparse.Namespace, client: Client) -> int:
+    result = client.invoke(args.function, data=args.data)
     if isinstance(result, bytes):
         sys.stdout.buffer.write(result)
         sys.stdout.flush()
@@ -164,24 +270,7 @@ def _server_of(path: str) -> "tuple[Optional[str], Optional[str]]":
     return address, server.token or None
 
 
-def _no_server(path: str) -> str:
-    """Why the configuration at `path` gave no server to ask, and what to do about it."""
-    if not os.path.exists(path):
-        return (f"there is no configuration at {path} to find the daemon's server in: name it with "
-                f"-c CONFIG, or the server with --address HOST:PORT (or ${ADDRESS_ENV})")
-    return (f"{path} sets up no HTTP server (no server: section, or one that cannot be read), so its "
-            f"daemon has nothing to ask; add `server: {{address: 127.0.0.1:8080}}` and reload it "
-            f"(SIGHUP), or name another daemon's server with --address HOST:PORT")
-
-
-def _status(client: Client, hint: str = "") -> int:
-    try:
-        status = client.status()
-    except InvokeError as exc:
-        print(f"openedge-function: {exc}", file=sys.stderr)
-        if exc.code == "ConnectionError" and hint:
-            print(f"openedge-function: {hint}", file=sys.stderr)
-        return 1
+def _status(status: dict) -> int:
     print(f"daemon pid {status['pid']}, up {status['uptime_s']}s, broker {status['broker']['address']} "
           f"({'connected' if status['broker']['connected'] else 'NOT connected'}), "
           f"{'healthy' if status['healthy'] else 'UNHEALTHY: ' + '; '.join(status['reasons'])}")
@@ -192,6 +281,14 @@ def _status(client: Client, hint: str = "") -> int:
         states = ", ".join(f"{count} {state}" for state, count in sorted(fn["states"].items())) or "none"
         print(f"  {name} ({fn['type']}): instances {fn['instances']} of max {fn['max']} ({states}), "
               f"queued {fn['queued']}, peak queue {fn['queue_peak']}, dropped {fn['dropped']}")
+        code = fn.get("code") or {}
+        if code.get("serving") == "last good":
+            good = code.get("last_good") or {}
+            print(f"    code: does not load ({code.get('error')}); its last good version "
+                  f"{good.get('version')} of {good.get('saved')} serves")
+        elif code.get("error"):
+            print(f"    code: does not load: {code['error']}"
+                  + ("" if code.get("last_good") else " (no last good version: it never loaded here)"))
         for instance in fn["instance_list"]:
             print(f"    {instance['id']}  pid {instance['pid']}  {instance['state']}")
     print("rules:")

@@ -19,6 +19,7 @@ with an error is refused with the error logged, and the running one stays.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -26,20 +27,24 @@ import select
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple
 
 from .api.calls import Calls
 from .broker import Publisher
 from .config import AppConfig, Function, Hub, Rule, Server, load_config
+from .config.layout import control_socket
 from .dataplane import DataPlane
+from .deploy.check import check_code
 from .deploy.codewatch import CodeWatch
 from .deploy.handover import Handover
+from .deploy.lastgood import LastGoodStore
 from .deploy.packages import Installer, PackageCache
 from .errors import ConfigError, InvocationError, ServerError
 from .instances.fdwatch import FdWatcher
+from .instances.instance import Instance
 from .instances.spawner import Spawner
 from .instances.template import Template, become_subreaper, reap_orphans
-from .isolation import Cgroups, RunAs, RunDir, detect, plan, warn_readable_secrets
+from .isolation import Cgroups, RunAs, RunDir, detect, group_id, plan, warn_readable_secrets
 from .journal import Journal, journal_path
 from .logs import setup_logging
 from .pool import Pool
@@ -47,6 +52,7 @@ from .replies import ReplyPolicy
 from .rules import RuleRunner
 
 if TYPE_CHECKING:
+    from .api.control import ControlSocket
     from .api.metrics import Metrics
     from .api.server import HttpServer
 
@@ -55,6 +61,7 @@ log = logging.getLogger(__name__)
 _TICK = 0.1            # seconds between maintenance passes: memory checks, the template
 _REAP_EVERY = 1.0      # seconds between collecting what instances' subprocesses left orphaned
 _SHUTDOWN_EXTRA = 5.0  # on top of the longest function timeout, for a graceful stop
+CHECK_WAIT = 10.0      # seconds the start waits for the checks of `min: 0` functions at most
 
 
 class Daemon:
@@ -79,11 +86,13 @@ class Daemon:
         self._template: Optional[Template] = None
         self.handover: Optional[Handover] = None    # new code of functions whose code changed
         self._packages = PackageCache(config.packages)
+        self.last_good = LastGoodStore(self.workdir)
         self._installer: Optional[Installer] = None
         self._posted: Deque[Tuple[Callable[..., None], Tuple[Any, ...]]] = collections.deque()
         self._reaped_at = 0.0
         self.metrics: Optional["Metrics"] = None
         self.http: Optional["HttpServer"] = None
+        self.control: Optional["ControlSocket"] = None
         self.started_at = time.time()
         self.plane = DataPlane()
         self.calls = Calls(self.plane, lambda: self.pools)   # context.invoke, without the server
@@ -141,8 +150,10 @@ class Daemon:
             log.info("function %s runs as %s", name, who)
         self._fdwatch = FdWatcher()
         self.handover = Handover(self, CodeWatch(self._fdwatch))
+        self.last_good.prune(self.config.functions)
         self._packages.prune({key for key in (self._packages.key(f, self._users[f.name])
-                                              for f in self.config.functions) if key})
+                                              for f in self.config.functions) if key}
+                             | {os.path.basename(path) for path in self.last_good.packages()})
         self._installer = Installer(self._packages, self._cgroups)
         self.plane.start()
         # Instances are forks of a template that has imported the runtime already; they come back
@@ -155,10 +166,13 @@ class Daemon:
         try:
             if self.config.server is not None:
                 self._serve(self.config.server)
+            self._listen()
             self._start()
             self._loop()
             return self._shutdown()
         finally:
+            if self.control is not None:
+                self.control.close()
             if self.http is not None:
                 self.http.close()
             if self._template is not None:
@@ -179,23 +193,52 @@ class Daemon:
 
     def _start(self) -> None:
         config = self.config
-        self.publisher = self._publisher(config.hub)
         for function in config.functions:
             self.pools[function.name] = self.make_pool(function)
+        for pool in self.pools.values():
+            self.plane.call(pool.start)
+        self._check(self.pools.values(), CHECK_WAIT)
+        self.publisher = self._publisher(config.hub)
         for rule in config.rules:
             self.rules.append(self._runner(rule, config, self.pools, self.publisher))
         log.info("openedge-function (pid %s): %d functions, %d rules, broker %s",
                  os.getpid(), len(self.pools), len(self.rules), config.hub.address)
         if not config.functions:
             log.warning("no functions (functions: []): nothing runs until a reload (SIGHUP) adds some")
-        for pool in self.pools.values():
-            self.plane.call(pool.start)
         if self.http is not None:
             self.http.start()
         for runner in self.rules:
             runner.start()
         assert self.handover is not None
         self.handover.follow(config.functions)
+
+    def _check(self, pools: Iterable[Pool], wait: float) -> None:
+        """Load the code of functions that start no instance (`min: 0`) in throwaway instances
+        (at start, before the broker): what does not load is known (logged, in /healthz) before a
+        message finds out, and their last good version serves from the first message. Waits for
+        the checks up to `wait` seconds; slower ones report when they end."""
+        pools = [pool for pool in pools if pool.function.instance.min == 0 and not pool.held]
+        if not pools:
+            return
+        threads = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="check")
+        checks = {threads.submit(check_code, pool.spawner, pool.function): pool for pool in pools}
+        done, late = concurrent.futures.wait(checks, wait)
+        for future in done:
+            self._checked(checks[future], future.result())
+        for future in late:
+            future.add_done_callback(lambda f: self.post(self._checked, checks[f], f.result()))
+        threads.shutdown(wait=False)
+
+    def _checked(self, pool: Pool, error: Optional[InvocationError]) -> None:
+        name = pool.function.name
+        if self.pools.get(name) is not pool:
+            return   # replaced by a reload meanwhile
+        if error is None:
+            log.info("function %s: its code loads (checked at start)", name)
+        elif not self.plane.run(pool.use_last_good, error):   # which says so when it has one
+            log.error("function %s: its code does not load (%s: %s); it has no last good version, so its "
+                      "messages get FunctionLoadError until %s changes", name, error.error_type,
+                      error.message, pool.function.codedir)
 
     def _serve(self, server: Server) -> None:
         """Bind the HTTP server (it serves once the pools exist)."""
@@ -204,16 +247,76 @@ class Daemon:
         from .api.metrics import Metrics
         from .api.server import Api, HttpServer
         self.metrics = Metrics(lambda: self.pools, lambda: self.rules, lambda: self.publisher)
+        api = Api(server, self.metrics, lambda: self.pools, lambda: status.health(self),
+                  lambda: status.status(self))
         try:
-            self.http = HttpServer(Api(server, self.metrics, lambda: self.pools,
-                                       lambda: status.health(self), lambda: status.status(self)),
-                                   server)
+            # Reload and restart over the network only behind the token (the control socket has them).
+            self.http = HttpServer(self._verbs(api) if server.token else api, server)
         except OSError as exc:
             raise ServerError(f"server.address: cannot listen on {server.address}: {exc.strerror or exc}") \
                 from None
         log.info("HTTP server on http://%s:%d%s", server.host, self.http.port,
                  "" if server.token else " without a token: it only accepts loopback addresses "
                  "(set server.token to listen beyond)")
+
+    def _listen(self) -> None:
+        """The control socket (api/control.py): the command line's way in, with or without a
+        server. A daemon that cannot make it runs on without, and says why."""
+        from .api import status
+        from .api.control import ControlSocket
+        from .api.server import Api
+        config = self.config
+        path = config.control.socket or control_socket(config.file)
+        api = Api(Server(host="local", port=0), self.metrics, lambda: self.pools,
+                  lambda: status.health(self), lambda: status.status(self))
+        try:
+            gid = group_id(config.control.group) if config.control.group else None
+            self.control = ControlSocket(path, self._verbs(api), gid)
+        except OSError as exc:
+            log.warning("no control socket (%s): `openedge-function status` and the other commands "
+                        "reach this daemon only through its HTTP server", exc.strerror or exc)
+            return
+        self.control.start()
+        log.info("control socket on %s (openedge-function status|invoke|reload|restart -c %s)", path,
+                 config.file)
+
+    def _verbs(self, api: Any) -> Any:
+        from .api.control import Control
+        return Control(api, lambda: self._on_daemon_thread(self._reload, "reload request"),
+                       lambda name: self._on_daemon_thread(self._restart, name))
+
+    def _on_daemon_thread(self, fn: Callable[..., Tuple[bool, str]], *args: Any) -> Tuple[bool, str]:
+        """Run `fn(*args)` on the daemon's thread and wait for what it says."""
+        done = threading.Event()
+        said: List[Tuple[bool, str]] = []
+
+        def run() -> None:
+            try:
+                said.append(fn(*args))
+            finally:
+                done.set()
+
+        self.post(run)
+        if not done.wait(60.0) or not said:
+            return False, "the daemon did not get to it within 60 s (it may be stopping)"
+        return said[0]
+
+    def _restart(self, name: str) -> Tuple[bool, str]:
+        """New instances of function `name`'s current code take over; the old ones finish what
+        they run. Its last good version is tried again only if the code still does not load."""
+        old = self.pools.get(name)
+        if old is None:
+            return False, f"no function named {name!r}"
+        assert self.handover is not None
+        self._leaving.extend(self.handover.forget(lambda other: other == name))
+        pool = self.make_pool(old.function)
+        pool.follow(old)
+        self.plane.call(pool.start)
+        self.take_over(name, pool)
+        self._check([pool], 0)
+        log.info("function %s: restarted on request: new instances of %s take over", name,
+                 old.function.codedir)
+        return True, f"function {name}: new instances of its code take over, the old ones finish what they run"
 
     def _publisher(self, hub: Hub) -> Publisher:
         """Connect the publisher first, so that the first outcomes find it connected."""
@@ -240,6 +343,9 @@ class Daemon:
         pool = Pool(self.plane, function, spawner, warm=candidate, held=install)
         if self.metrics is not None:
             pool.observe = self.metrics.observer(function.name)
+        if not candidate:   # new code that does not load leaves the serving pool as it is
+            pool.last_good = self.last_good.latest(function)
+        pool.on_loaded = lambda instance: self.post(self._keep_good, pool, instance)
         if install:
             assert self._installer is not None
 
@@ -247,9 +353,10 @@ class Daemon:
                 if error is None:
                     self.plane.call(pool.release, (path,) if path else ())
                     return
-                if not candidate:
+                if not candidate and pool.last_good is None:
                     log.error("function %s: %s; its messages get FunctionLoadError until the file "
-                              "changes", function.name, error.message)
+                              "changes (it has no last good version to start from)", function.name,
+                              error.message)
                 self.plane.call(pool.fail, error)
 
             self._installer.submit(function, who, installed_now)
@@ -292,6 +399,13 @@ class Daemon:
         self.plane.run(switch)
         self._leaving.append(old)
 
+    def _keep_good(self, pool: Pool, instance: Instance) -> None:
+        """An instance of `pool`'s code loaded: keep that code as the function's last good."""
+        good = self.last_good.keep(pool.function, pool.spawner.sandbox.who, instance.paths,
+                                   instance.started_at)
+        if good is not None:
+            pool.last_good = good
+
     def retire(self, pool: Pool) -> None:
         pool.close()
         self._leaving.append(pool)
@@ -314,18 +428,23 @@ class Daemon:
 
     # -- reload -----------------------------------------------------------------------------------
 
-    def _reload(self) -> None:
+    def _reload(self, by: str = "SIGHUP") -> Tuple[bool, str]:
+        """Re-read the configuration (`by` a signal or a request); whether it was taken, and what
+        changed or why not."""
         try:
             new = load_config(self.config.file, self.workdir)
             users = plan(new)
         except ConfigError as exc:
-            log.error("SIGHUP: the new configuration is refused, the running one stays: %s", exc)
-            return
+            log.error("%s: the new configuration is refused, the running one stays: %s", by, exc)
+            return False, f"the new configuration is refused, the running one stays: {exc}"
         old = self.config
         if new.server != old.server:
-            log.warning("SIGHUP: server settings change at the next restart; the HTTP server keeps %s",
-                        old.server.address if old.server else "off")
+            log.warning("%s: server settings change at the next restart; the HTTP server keeps %s",
+                        by, old.server.address if old.server else "off")
             new = dataclasses.replace(new, server=old.server)
+        if new.control != old.control:
+            log.warning("%s: control settings change at the next restart; the control socket stays", by)
+            new = dataclasses.replace(new, control=old.control)
         if new.logger != old.logger:
             setup_logging(new.logger)
         publisher = self.publisher if new.hub == old.hub else self._publisher(new.hub)
@@ -333,6 +452,7 @@ class Daemon:
 
         self._users = users
         pools: Dict[str, Pool] = {}
+        fresh: List[Pool] = []
         added = [f.name for f in new.functions if f.name not in self.pools]
         for function in new.functions:
             pool = self.pools.get(function.name)
@@ -341,6 +461,7 @@ class Daemon:
             else:
                 pools[function.name] = self.make_pool(function)
                 self.plane.call(pools[function.name].start)
+                fresh.append(pools[function.name])
         leaving = [pool for name, pool in self.pools.items() if pools.get(name) is not pool]
         assert self.handover is not None
         leaving += self.handover.forget(lambda name: pools.get(name) is not self.pools.get(name))
@@ -369,15 +490,18 @@ class Daemon:
         self.publisher = publisher
         self._leaving.extend(leaving)
         replaced = sum(1 for name in old_pools if name in pools and pools[name] is not old_pools[name])
-        log.info("SIGHUP: configuration reloaded: %d rules kept, %d stopped, %d started; functions: "
-                 "%d added, %d replaced, %d removed", len(kept), len(stopping), len(starting),
-                 len(added), replaced, sum(1 for name in old_pools if name not in pools))
+        summary = (f"configuration reloaded: {len(kept)} rules kept, {len(stopping)} stopped, "
+                   f"{len(starting)} started; functions: {len(added)} added, {replaced} replaced, "
+                   f"{sum(1 for name in old_pools if name not in pools)} removed")
+        log.info("%s: %s", by, summary)
         self.handover.follow(new.functions)
+        self._check(fresh, 0)
         transition = threading.Thread(target=self._transition,
                                       args=(stopping, starting, leaving, retired_publisher),
                                       name="reload", daemon=True)
         self._transitions.append(transition)
         transition.start()
+        return True, summary
 
     @staticmethod
     def _transition(stopping: List[Tuple[RuleRunner, bool]], starting: List[RuleRunner],

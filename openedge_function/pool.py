@@ -14,15 +14,16 @@ listeners (the rules' intakes) to pause, and again when there is room.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 import logging
 import time
-from typing import Callable, List, Optional, Set, Tuple
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 from .backlog import Backlog, BatchSizer
 from .config import Function
 from .dataplane import DataPlane
-from .errors import InvocationError
+from .errors import FunctionLoadError, InvocationError
 from .instances.instance import Instance
 from .instances.lifecycle import State
 from .instances.memory import enforce_memory
@@ -92,6 +93,15 @@ class Pool:
         self.on_first: Optional[Callable[[Optional[InvocationError]], None]] = None
         # Called with (outcome, seconds) after each invocation that ran: the daemon's metrics.
         self.observe: Optional[Callable[[str, Optional[float]], None]] = None
+        # The last good version of the function's code (deploy/lastgood.py): new instances start
+        # from it while the code directory holds code that does not load (`code_error`).
+        self.last_good: Optional[Any] = None
+        self.on_last_good = False
+        self.code_error: Optional[InvocationError] = None
+        self._code = function   # what instances start from: the function, or its last good
+        # Called on the loop with the instance once the first instance of the function's own
+        # code (not its last good) is ready: the daemon keeps that code as the last good.
+        self.on_loaded: Optional[Callable[[Instance], None]] = None
 
     @property
     def queue_max(self) -> int:
@@ -207,7 +217,7 @@ class Pool:
             wanted = min(wanted, 1 - self._starting)
         for _ in range(max(0, min(wanted, self._max - len(self._workers)))):
             self._seq += 1
-            instance = self.spawner.instance(self.function, self._seq, self._on_lost)
+            instance = self.spawner.instance(self._code, self._seq, self._on_lost)
             worker = Worker(self, instance)
             self._workers.add(worker)
             self._starting += 1
@@ -251,6 +261,11 @@ class Pool:
         self._backoff = _BACKOFF_FIRST
         self._warm = 0
         self._first(None)
+        if not self.on_last_good:
+            self.code_error = None
+        if self.on_loaded is not None and not self.on_last_good:
+            on_loaded, self.on_loaded = self.on_loaded, None
+            on_loaded(worker.instance)
         return self.next_batch(worker)
 
     def _first(self, error: Optional[InvocationError]) -> None:
@@ -268,10 +283,31 @@ class Pool:
         self.held = False
         self._grow()
 
+    def use_last_good(self, error: InvocationError, quiet: bool = False) -> bool:
+        """The function's code does not load (`error`): new instances start from its last good
+        version, when it has one (True). `quiet`: the caller says so in the log."""
+        if self.on_last_good:
+            return False   # the last good version does not load either: failing, as any pool
+        self.code_error = error
+        good = self.last_good
+        if good is None:
+            return False
+        self.on_last_good = True
+        self._code = dataclasses.replace(self.function, codedir=good.path)
+        self.spawner.paths = good.paths
+        if not quiet:
+            log.error("function %s: its code does not load (%s: %s); new instances start from its last "
+                      "good %s until %s changes", self.function.name, error.error_type, error.message,
+                      good.describe(), self.function.codedir)
+        return True
+
     def fail(self, error: InvocationError) -> None:
         """No instance can start until the function changes (its requirements do not install):
-        what waits and what comes is answered with `error`."""
+        what waits and what comes is answered with `error`, unless the last good version serves."""
         self.held = False
+        if self.use_last_good(error):
+            self._grow()
+            return
         self._failure = error
         self._retry_at = float("inf")
         self._first(error)
@@ -303,9 +339,12 @@ class Pool:
         self._starting -= 1
         self.load_failures += 1
         self._workers.discard(worker)
+        known = [k.message for k in (self._failure, self.code_error) if k is not None]   # said already
+        if isinstance(error, FunctionLoadError) and self.on_first is None and self.use_last_good(error):
+            self._grow()   # at once: what waits is served by the last good version
+            return
         # New code that does not load is the daemon's to report (the old code still serves).
-        repeated = self.on_first is not None or (
-            self._failure is not None and self._failure.message == error.message)
+        repeated = self.on_first is not None or error.message in known
         self._first(error)
         self._failure = error
         self._retry_at = time.monotonic() + self._backoff

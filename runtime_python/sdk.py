@@ -77,7 +77,7 @@ class Client:
         # Inside a function, with no address of its own, calls go over the instance's channel.
         self._in_daemon = address is None and token is None and not os.environ.get(ADDRESS_ENV)
         address = address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
-        if "://" in address:
+        if "://" in address:   # http://host:port; unix:/path is a Unix socket (the control socket)
             address = address.split("://", 1)[1]
         self.address = address.rstrip("/")
         self.token = token if token is not None else os.environ.get(TOKEN_ENV, "")
@@ -150,7 +150,8 @@ class Client:
             connection = getattr(self._local, "connection", None)
             fresh = connection is None
             if fresh:
-                connection = http.client.HTTPConnection(self.address, timeout=timeout)
+                connection = (_UnixConnection(self.address[5:], timeout) if self.address.startswith("unix:")
+                              else http.client.HTTPConnection(self.address, timeout=timeout))
                 self._local.connection = connection
             else:
                 connection.timeout = timeout
@@ -181,6 +182,24 @@ class Client:
         self._local.connection = None
         if connection is not None:
             connection.close()
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket: the daemon's control socket."""
+
+    def __init__(self, path: str, timeout: Optional[float]) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 def _error(status: int, headers: Dict[str, str], payload: bytes) -> InvokeError:

@@ -28,7 +28,7 @@ from runtime_python import confine as confine_module
 from runtime_python.channel import Channel
 from runtime_python.confine import close_other_files, confine, prctl, take_environment
 from runtime_python.context import context_class
-from runtime_python.loader import LoadError, load, user_frames
+from runtime_python.loader import LoadError, check_call, load, user_frames
 from runtime_python.output import Budget, LineWriter
 from runtime_python.wire import EXIT_LOAD_ERROR, KEY_HEADER, LOAD_ERROR, LOADED, READY, SPEC
 
@@ -54,6 +54,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--parent-pid", type=int, help="the supervisor's pid")
     parser.add_argument("--timeout-ms", type=int, default=30000)
     parser.add_argument("--forked", action="store_true", help="a fork of the template (still root)")
+    parser.add_argument("--check", action="store_true",
+                        help="load the handler and initializer, check how they are called, run nothing")
+    parser.add_argument("--kind", default="event", help="the function's type: event or http")
     args = parser.parse_args(argv)
     args.parser = parser
     return args
@@ -255,6 +258,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.forked:
             needs_runtime_packages()
         handler = load(args.handler, codedir, "handler")
+        if args.check:   # a check of what would run: loaded and callable as called, nothing run
+            check_call(handler, args.handler, codedir, "handler",
+                       "environ, start_response" if args.kind == "http" else "event, context")
+            if args.initializer:
+                check_call(load(args.initializer, codedir, "initializer"), args.initializer, codedir,
+                           "initializer", "context")
+            report(status, {LOADED: os.getpid()})
+            report(status, {READY: os.getpid(), "tmp": confine_module.tmp_status})
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+            signal.sigwait({signal.SIGTERM, signal.SIGINT})   # the supervisor ends it when it has read
+            return 0
         if args.initializer:
             initializer = load(args.initializer, codedir, "initializer")
             report(status, {LOADED: os.getpid()})

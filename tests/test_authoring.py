@@ -447,15 +447,18 @@ def test_a_server_listening_everywhere_is_reached_on_loopback(tmp_path):
     assert _server_of(str(tmp_path / "missing.yml")) == (None, None)
 
 
-def test_status_without_a_server_says_why_and_what_to_do(tmp_path):
+def test_status_with_no_daemon_says_where_it_looked_and_what_to_do(tmp_path):
     """`status` and `invoke` once said only "Connection refused", nothing of the server being off."""
     config = tmp_path / "application.yml"
     config.write_text("functions: []\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENEDGE_FUNCTION_")}
-    for path, words in ((config, "sets up no HTTP server"), (tmp_path / "none.yml", "there is no configuration at")):
-        for command in (["status"], ["invoke", "f", "{}"]):
+    for path, words in ((config, "(its HTTP server is off: no server: section)"),
+                        (tmp_path / "none.yml", "(which does not exist)")):
+        for command in (["status"], ["invoke", "f", "{}"], ["reload"], ["restart", "f"]):
             done = subprocess.run(CLI + command + ["-c", str(path)], env=env, capture_output=True, text=True,
                                   timeout=60)
-            if "cannot reach the daemon" not in done.stderr + done.stdout:
-                pytest.skip("something answers at the default address here")
-            assert done.returncode == 1 and words in done.stderr and "--address" in done.stderr, done.stderr
+            assert done.returncode == 1, done.stdout + done.stderr
+            assert f"no daemon answers for the configuration {path} {words}" in done.stderr, done.stderr
+            assert "control socket /run/openedge-function-control/" in done.stderr and \
+                "No such file or directory" in done.stderr, done.stderr
+            assert "-c CONFIG, --socket PATH or --address HOST:PORT" in done.stderr, done.stderr

@@ -330,7 +330,11 @@ def test_check_flag_validates_without_running(tmp_path):
     path.write_text(textwrap.dedent(MINIMAL))
     done = subprocess.run([sys.executable, "-m", "openedge_function", "--check", "-c", str(path)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0 and "ok" in done.stdout
+    assert done.returncode == 2 and "no module named 'main'" in done.stderr, done.stderr   # what would run
+    (tmp_path / "fn" / "main.py").write_text("def handler(event, context):\n    return event\n")
+    done = subprocess.run([sys.executable, "-m", "openedge_function", "--check", "-c", str(path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr
     assert os.path.exists(path)
 
 

@@ -83,8 +83,12 @@ class _DaemonCollector:
                                             labels=["function"])
         failing = GaugeMetricFamily("openedge_function_failing", "1 while the function's instances "
                                     "cannot start", labels=["function"])
+        last_good = GaugeMetricFamily("openedge_function_last_good_serving", "1 while the function's "
+                                      "code does not load and new instances start from its last good "
+                                      "version", labels=["function"])
         for name, pool in list(self._pools().items()):
             stats = pool.stats()
+            last_good.add_metric([name], 1 if pool.on_last_good else 0)
             for state in _STATES:
                 instances.add_metric([name, state], stats["states"].get(state, 0))
             queued.add_metric([name], stats["queued"])
@@ -120,5 +124,5 @@ class _DaemonCollector:
         publisher = self._publisher()
         if publisher is not None:
             connected.add_metric(["publisher"], 1 if publisher.connected.is_set() else 0)
-        yield from (instances, queued, pool_dropped, load_failures, failing, received, published, failed,
+        yield from (instances, queued, pool_dropped, load_failures, failing, last_good, received, published, failed,
                     dropped, *refusals.values(), connected)

@@ -37,16 +37,27 @@ def health(daemon: Running) -> Tuple[bool, List[str], List[str]]:
     for runner in list(daemon.rules):
         if not runner.intake.connected.is_set():
             reasons.append(f"rule {runner.rule.name} is not connected to the broker")
+    warnings = []
     for name, pool in list(daemon.pools.items()):
         stats = pool.stats()
         ready = stats["instances"] - stats["starting"] - stats["states"].get("stopping", 0)
+        good, error = pool.last_good, pool.code_error
         if stats["failing"]:
-            reasons.append(f"function {name} fails to load: {stats['failing']}")
+            reasons.append(f"function {name} fails to load: {stats['failing']}"
+                           + (" (its last good version does not load either)" if pool.on_last_good
+                              else "" if good else " (it has no last good version: it never loaded here)"))
+        elif error is not None and not pool.on_last_good:
+            reasons.append(f"function {name}: its code does not load: {error.error_type}: {error.message} "
+                           "(it has no last good version: it never loaded here)")
         elif ready < pool.function.instance.min:
             reasons.append(f"function {name} has {ready} of its {pool.function.instance.min} "
                            "minimum instances up")
-    warnings = [f"function {name}: the new code does not load, the previous code serves: {error}"
-                for name, error in sorted(daemon.handover.errors.items())]
+        if pool.on_last_good and error is not None:
+            warnings.append(f"function {name}: its code does not load ({error.error_type}: {error.message}); "
+                            f"its last good {good.describe()} serves")
+        elif name in daemon.handover.errors:
+            warnings.append(f"function {name}: the new code does not load, the previous code serves: "
+                            f"{daemon.handover.errors[name]}")
     return not reasons, reasons, warnings
 
 
@@ -60,8 +71,10 @@ def status(daemon: Running) -> Dict[str, Any]:
         functions[name] = {
             "type": function.type, "user": str(spawner.sandbox.who),
             "code": {"watch": code.how if function.watch_code else "off",
-                     "error": code.errors.get(name),
-                     "replacing": name in code.candidates},
+                     "error": code.errors.get(name) or _text(pool.code_error),
+                     "replacing": name in code.candidates,
+                     "serving": "last good" if pool.on_last_good else "current",
+                     "last_good": _good(pool.last_good)},
             "packages": "installing" if pool.held else spawner.paths[0] if spawner.paths else None,
             "min": function.instance.min,
             "max": function.instance.max, **pool.stats(),
@@ -76,3 +89,15 @@ def status(daemon: Running) -> Dict[str, Any]:
             "broker": {"address": daemon.config.hub.address,
                        "connected": bool(publisher and publisher.connected.is_set())},
             "functions": functions, "rules": rules}
+
+
+def _text(error: Any) -> Optional[str]:
+    return f"{error.error_type}: {error.message}" if error is not None else None
+
+
+def _good(good: Any) -> Optional[Dict[str, Any]]:
+    """What status says of a last good version (deploy/lastgood.py)."""
+    if good is None:
+        return None
+    return {"version": good.version, "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(good.saved)),
+            "path": good.path}

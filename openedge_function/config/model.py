@@ -229,6 +229,13 @@ class Server:
 
 
 @dataclass(frozen=True)
+class Control:
+    """The local control socket (`control:`): where the CLI finds the daemon."""
+    socket: str = setting("socket", "")   # absolute; default: config/layout.py's control_socket()
+    group: Optional[str] = setting("group", None, account("group"))   # may use it too (0660)
+
+
+@dataclass(frozen=True)
 class AppConfig:
     file: str
     hub: Hub
@@ -238,6 +245,7 @@ class AppConfig:
     server: Optional[Server] = None
     defaults: Defaults = field(default_factory=Defaults)
     packages: Packages = field(default_factory=Packages)
+    control: Control = field(default_factory=Control)
 
     def function(self, name: str) -> Function:
         for fn in self.functions:

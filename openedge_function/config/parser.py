@@ -24,7 +24,7 @@ import yaml
 
 from ..errors import ConfigError, ConfigErrors
 from .converters import above_zero, boolean, duration, entry_point, nonempty_string, show, string
-from .model import (AppConfig, Credentials, Defaults, Function, Hub, Limits, LoggerConfig, Packages,
+from .model import (AppConfig, Control, Credentials, Defaults, Function, Hub, Limits, LoggerConfig, Packages,
                     Publication, Rule, Server, Service, Subscription, declaration,
                     default_package_cache, settings_of)
 
@@ -35,7 +35,7 @@ log = logging.getLogger("openedge_function.config")
 # Keys OpenEdge's module manager read from every module's configuration; they mean nothing here.
 _MODULE_KEYS = ("name", "alias", "mark", "entry", "restart", "expose", "volumes", "params", "env",
                 "resources", "api")
-_SECTIONS = ("hub", "rules", "functions", "logger", "server", "defaults", "packages")
+_SECTIONS = ("hub", "rules", "functions", "logger", "server", "defaults", "packages", "control")
 
 
 class Problems:
@@ -253,10 +253,29 @@ def _parse_top(problems: Problems, data: Any, file: str, workdir: str) -> Option
     if top.data.get("server") is not None:
         server = problems.each(_parse_server, top.section("server", Server))
     packages = problems.each(_parse_packages, top.section("packages", Packages), workdir)
-    if problems.found or hub is None or logger is None or packages is None:
+    control = problems.each(_parse_control, top.section("control", Control))
+    if problems.found or hub is None or logger is None or packages is None or control is None:
         return None   # parse_config reports what was found
     return AppConfig(file=file, hub=hub, rules=tuple(rules), functions=tuple(functions), logger=logger,
-                     server=server, defaults=defaults, packages=packages)
+                     server=server, defaults=defaults, packages=packages, control=control)
+
+
+def parse_control(data: Any, file: str) -> Control:
+    """The `control:` section alone (what the CLI needs to find the daemon). Raises ConfigError."""
+    problems = Problems()
+    control = problems.each(_parse_control, Reader.of(problems, file, "control", data or {}, Control))
+    problems.raise_found()
+    assert control is not None
+    return control
+
+
+def _parse_control(r: Reader) -> Control:
+    path = r.get("socket", nonempty_string) or ""
+    if path and not os.path.isabs(path):
+        raise r.fail("socket", f"{path!r}: give an absolute path (the command line finds it from anywhere)")
+    if len(path.encode()) > 107:
+        raise r.fail("socket", f"{path!r} is longer than a Unix socket's path may be (107 bytes)")
+    return r.read(Control, socket=path)
 
 
 def _parse_hub(r: Reader, workdir: str) -> Hub:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from typing import Dict, List, Optional, Set, Tuple
@@ -51,8 +52,9 @@ def ignored(name: str) -> bool:
 Snapshot = Dict[str, Tuple[int, int]]
 
 
-def snapshot(root: str) -> Snapshot:
-    """{relative path: (mtime_ns, size)} of what `root` holds that imports could read."""
+def snapshot(root: str, regular: bool = False) -> Snapshot:
+    """{relative path: (mtime_ns, size)} of what `root` holds that imports could read (`regular`:
+    of its regular files only, links to them included)."""
     found: Snapshot = {}
     for path, dirs, files in _walk(root, DIRS_MAX):
         for name in files:
@@ -62,6 +64,8 @@ def snapshot(root: str) -> Snapshot:
             try:
                 st = os.stat(full)
             except OSError:
+                continue
+            if regular and not stat.S_ISREG(st.st_mode):
                 continue
             found[os.path.relpath(full, root)] = (st.st_mtime_ns, st.st_size)
     return found

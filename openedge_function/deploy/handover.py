@@ -89,9 +89,13 @@ class Handover:
             self._daemon.retire(candidate)
             text = f"{error.error_type}: {error.message}"
             if self.errors.get(name) != text:
-                log.error("function %s: the new code does not load, the previous code keeps serving: %s",
+                log.error("function %s: the new code does not load, the previous code keeps serving "
+                          "(and new instances start from its last good version, if it has one): %s",
                           name, text)
             self.errors[name] = text
+            serving = self._daemon.pools.get(name)
+            if serving is not None:
+                serving.plane.call(serving.use_last_good, error, True)
             return
         self._daemon.take_over(name, candidate)
         self.errors.pop(name, None)

@@ -112,7 +112,7 @@ class PackageCache:
         final = os.path.join(self.root, key)
         if os.path.isdir(final):
             return final
-        self._make_root()
+        make_passable(self.root)
         staging = os.path.join(self.root, f".{key}.{os.getpid()}.{threading.get_ident()}")
         shutil.rmtree(staging, ignore_errors=True)
         home = staging + ".home"
@@ -150,7 +150,7 @@ class PackageCache:
                 raise FunctionLoadError(f"{REQUIREMENTS} of function {function.name} does not "
                                         f"install: {pip_error(stderr, stdout)}",
                                         (stderr or stdout)[-_TAIL:].splitlines())
-            self._seal(staging, who)
+            seal(staging, who)
             try:
                 os.rename(staging, final)
             except OSError:
@@ -163,35 +163,6 @@ class PackageCache:
                  time.monotonic() - started, final)
         return final
 
-    def _make_root(self) -> None:
-        """The cache and the directories made for it: functions' users pass through (0711) to
-        their own packages, without listing anything."""
-        missing = []
-        path = self.root
-        while not os.path.isdir(path):
-            missing.append(path)
-            path = os.path.dirname(path)
-        for path in reversed(missing):
-            try:
-                os.mkdir(path, 0o711)
-            except FileExistsError:
-                continue
-            os.chmod(path, 0o711)   # whatever the umask
-
-    @staticmethod
-    def _seal(path: str, who: RunAs) -> None:
-        """Ours from now on: the function's group may read what pip wrote, nobody else may write."""
-        if not who.switches:
-            return
-        me = current()
-        for top, dirs, files in os.walk(path):
-            for name in [top] + [os.path.join(top, entry) for entry in dirs + files]:
-                st = os.lstat(name)
-                os.lchown(name, me.uid, who.gid)
-                if not os.path.islink(name):
-                    owner = st.st_mode & 0o700
-                    os.chmod(name, (owner & 0o700) | ((owner & 0o500) >> 3))
-
     def prune(self, keep: Set[str]) -> None:
         """Remove the directories (and what failed installs left) no name in `keep` names."""
         try:
@@ -201,6 +172,37 @@ class PackageCache:
         for entry in entries:
             if entry not in keep:
                 shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
+
+
+def make_passable(root: str) -> None:
+    """`root` and the directories made for it: functions' users pass through (0711) to what is
+    their own further down, without listing anything."""
+    missing = []
+    path = root
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o711)
+        except FileExistsError:
+            continue
+        os.chmod(path, 0o711)   # whatever the umask
+
+
+def seal(path: str, who: RunAs) -> None:
+    """Ours from now on: the function's group may read what is under `path`, nobody else may
+    write it."""
+    if not who.switches:
+        return
+    me = current()
+    for top, dirs, files in os.walk(path):
+        for name in [top] + [os.path.join(top, entry) for entry in dirs + files]:
+            st = os.lstat(name)
+            os.lchown(name, me.uid, who.gid)
+            if not os.path.islink(name):
+                owner = st.st_mode & 0o700
+                os.chmod(name, (owner & 0o700) | ((owner & 0o500) >> 3))
 
 
 def _bounded_run(function: Function, who: RunAs, command: list, env: Dict[str, str], timeout: float,

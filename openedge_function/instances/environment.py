@@ -67,16 +67,18 @@ def function_spec(function: Function) -> Dict[str, Any]:
 
 
 def start_spec(function: Function, instance_id: str, who: RunAs, env: Dict[str, str], key: str,
-               paths: Sequence[str], socket_path: str, grouped: bool, call_max: int) -> Dict[str, Any]:
+               paths: Sequence[str], socket_path: str, grouped: bool, call_max: int,
+               check: bool = False) -> Dict[str, Any]:
     """The first message of the status socket. `grouped`: the instance has a control group, so
-    rlimits need not stand in for it; `call_max`: the largest body of a call it makes."""
+    rlimits need not stand in for it; `call_max`: the largest body of a call it makes; `check`:
+    load the handler and initializer and run nothing (deploy/check.py)."""
     limits = function.instance
     return {SPEC: {
         **function_spec(function), "key": key, "paths": list(paths), "call_max": call_max,
         "start": {"function": function.name, "handler": function.handler,
                   "initializer": function.initializer, "codedir": function.codedir,
                   "socket": socket_path, "instance_id": instance_id,
-                  "timeout_ms": int(limits.timeout * 1000)},
+                  "timeout_ms": int(limits.timeout * 1000), "check": check, "kind": function.type},
         "process": {
             "uid": who.uid, "gid": who.gid, "user": who.name, "env": env,
             "files": limits.files,

@@ -70,6 +70,8 @@ class Instance:
         self.deadline = 0.0            # when the invocation in progress runs out of time
         self.running: Sequence[Any] = ()   # the invocations in progress (a batch), for its calls
         self.timed_out = False
+        self.started_at = 0.0   # when start() began (seconds since the epoch)
+        self.check = False      # only load the handler, run nothing (deploy/check.py)
 
     @property
     def state(self) -> State:
@@ -89,6 +91,7 @@ class Instance:
     def start(self, ready_timeout: float) -> None:
         """Spawn the runtime and wait until it has loaded the handler and serves (blocking).
         Raises FunctionLoadError or InstanceCrashed."""
+        self.started_at = time.time()   # what it loads is the code as it was from then on
         fn, sandbox = self.function, self.sandbox
         limits = fn.instance
         ours, theirs = socket.socketpair()
@@ -139,7 +142,7 @@ class Instance:
         # From here on the fd watcher owns these descriptors and closes them at end-of-file.
         self.status.attach(ours, self._fdwatch, start_spec(
             fn, self.id, sandbox.who, env, self._key, self.paths, self.socket_path, self.cgroup is not None,
-            self._call_max))
+            self._call_max, self.check))
         self.output.attach(self._fdwatch, out_r, err_r)
         self._wait_ready(ready_timeout)
 

@@ -6,7 +6,7 @@ cgroups.py   control groups (v2, or v1's memory and pids) for memory, processes 
 """
 from .cgroups import Cgroups, Group, detect
 from .rundir import RunDir, Sandbox, remove_stale
-from .users import RunAs, current, plan, run_as, warn_readable_secrets
+from .users import RunAs, current, group_id, plan, run_as, warn_readable_secrets
 
 __all__ = ["Cgroups", "Group", "detect", "RunDir", "Sandbox", "remove_stale", "RunAs", "current", "plan",
-           "run_as", "warn_readable_secrets"]
+           "run_as", "warn_readable_secrets", "group_id"]

@@ -72,6 +72,11 @@ def _gid(text: str) -> int:
     return int(text) if text.isdigit() else grp.getgrnam(text).gr_gid
 
 
+def group_id(text: str) -> int:
+    """A group's id, from its name or number (KeyError when there is no such group)."""
+    return _gid(text)
+
+
 def dynamic_uid(name: str) -> int:
     """An id no account and no other function of this daemon has, the same for `name` each time
     (unless taken)."""

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -236,7 +237,13 @@ def main() -> int:
         expect(answer["hello"] == "gateway", answer)
         status = sh("openedge-function", "status")
         expect("healthy" in status, status)
-        return f"{answer}; status: {status.splitlines()[0]}"
+        control = "/run/openedge-function/control.sock"
+        mode = os.stat(control).st_mode
+        expect(stat.S_ISSOCK(mode) and mode & 0o777 == 0o600, f"{control}: {oct(mode)}")
+        # The control socket answers without the HTTP server.
+        direct = sh("openedge-function", "status", "--socket", control)
+        expect("healthy" in direct, direct)
+        return f"{answer}; status: {status.splitlines()[0]}; {control} 0600"
 
     @check("service: a message from outside the machine, through QEMU's forwarded port")
     def _() -> str:
@@ -325,7 +332,9 @@ def main() -> int:
         expect(answer["hello"] == "reloaded" and main_pid() == before, f"{answer}, pid {before} -> {main_pid()}")
         reloaded = logged("SIGHUP: configuration reloaded", since)
         expect("1 started" in reloaded, reloaded)
-        return f"pid {before} kept; {reloaded}"
+        asked = sh("openedge-function", "reload")   # the same through the control socket
+        expect(re.search(r"configuration reloaded: \d+ rules kept, 0 stopped, 0 started", asked), asked)
+        return f"pid {before} kept; {reloaded}; openedge-function reload: {asked.strip()}"
 
     @check("systemctl stop drains and acknowledges: every message answered once across a restart")
     def _() -> str:
