@@ -197,7 +197,7 @@ class Daemon:
             self.pools[function.name] = self.make_pool(function)
         for pool in self.pools.values():
             self.plane.call(pool.start)
-        self._check(self.pools.values(), CHECK_WAIT)
+        self._check(self.pools.values(), CHECK_WAIT, "at start")
         self.publisher = self._publisher(config.hub)
         for rule in config.rules:
             self.rules.append(self._runner(rule, config, self.pools, self.publisher))
@@ -212,7 +212,7 @@ class Daemon:
         assert self.handover is not None
         self.handover.follow(config.functions)
 
-    def _check(self, pools: Iterable[Pool], wait: float) -> None:
+    def _check(self, pools: Iterable[Pool], wait: float, when: str) -> None:
         """Load the code of functions that start no instance (`min: 0`) in throwaway instances
         (at start, before the broker): what does not load is known (logged, in /healthz) before a
         message finds out, and their last good version serves from the first message. Waits for
@@ -224,17 +224,17 @@ class Daemon:
         checks = {threads.submit(check_code, pool.spawner, pool.function): pool for pool in pools}
         done, late = concurrent.futures.wait(checks, wait)
         for future in done:
-            self._checked(checks[future], future.result())
+            self._checked(checks[future], future.result(), when)
         for future in late:
-            future.add_done_callback(lambda f: self.post(self._checked, checks[f], f.result()))
+            future.add_done_callback(lambda f: self.post(self._checked, checks[f], f.result(), when))
         threads.shutdown(wait=False)
 
-    def _checked(self, pool: Pool, error: Optional[InvocationError]) -> None:
+    def _checked(self, pool: Pool, error: Optional[InvocationError], when: str) -> None:
         name = pool.function.name
         if self.pools.get(name) is not pool:
             return   # replaced by a reload meanwhile
         if error is None:
-            log.info("function %s: its code loads (checked at start)", name)
+            log.info("function %s: its code loads (checked %s)", name, when)
         elif not self.plane.run(pool.use_last_good, error):   # which says so when it has one
             log.error("function %s: its code does not load (%s: %s); it has no last good version, so its "
                       "messages get FunctionLoadError until %s changes", name, error.error_type,
@@ -278,7 +278,7 @@ class Daemon:
             return
         self.control.start()
         log.info("control socket on %s (openedge-function status|invoke|reload|restart -c %s)", path,
-                 config.file)
+                 os.path.abspath(config.file))
 
     def _verbs(self, api: Any) -> Any:
         from .api.control import Control
@@ -313,7 +313,7 @@ class Daemon:
         pool.follow(old)
         self.plane.call(pool.start)
         self.take_over(name, pool)
-        self._check([pool], 0)
+        self._check([pool], 0, "on restart")
         log.info("function %s: restarted on request: new instances of %s take over", name,
                  old.function.codedir)
         return True, f"function {name}: new instances of its code take over, the old ones finish what they run"
@@ -495,7 +495,7 @@ class Daemon:
                    f"{sum(1 for name in old_pools if name not in pools)} removed")
         log.info("%s: %s", by, summary)
         self.handover.follow(new.functions)
-        self._check(fresh, 0)
+        self._check(fresh, 0, "at the reload")
         transition = threading.Thread(target=self._transition,
                                       args=(stopping, starting, leaving, retired_publisher),
                                       name="reload", daemon=True)
