@@ -247,11 +247,11 @@ class Daemon:
         from .api.metrics import Metrics
         from .api.server import Api, HttpServer
         self.metrics = Metrics(lambda: self.pools, lambda: self.rules, lambda: self.publisher)
+        # Reload and restart over the network only behind the token (the control socket has them).
         api = Api(server, self.metrics, lambda: self.pools, lambda: status.health(self),
-                  lambda: status.status(self))
+                  lambda: status.status(self), self._verbs() if server.token else None)
         try:
-            # Reload and restart over the network only behind the token (the control socket has them).
-            self.http = HttpServer(self._verbs(api) if server.token else api, server)
+            self.http = HttpServer(api, server)
         except OSError as exc:
             raise ServerError(f"server.address: cannot listen on {server.address}: {exc.strerror or exc}") \
                 from None
@@ -268,10 +268,10 @@ class Daemon:
         config = self.config
         path = config.control.socket or control_socket(config.file)
         api = Api(Server(host="local", port=0), self.metrics, lambda: self.pools,
-                  lambda: status.health(self), lambda: status.status(self))
+                  lambda: status.health(self), lambda: status.status(self), self._verbs())
         try:
             gid = group_id(config.control.group) if config.control.group else None
-            self.control = ControlSocket(path, self._verbs(api), gid)
+            self.control = ControlSocket(path, api, gid)
         except OSError as exc:
             log.warning("no control socket (%s): `openedge-function status` and the other commands "
                         "reach this daemon only through its HTTP server", exc.strerror or exc)
@@ -280,10 +280,10 @@ class Daemon:
         log.info("control socket on %s (openedge-function status|invoke|reload|restart -c %s)", path,
                  os.path.abspath(config.file))
 
-    def _verbs(self, api: Any) -> Any:
-        from .api.control import Control
-        return Control(api, lambda: self._on_daemon_thread(self._reload, "reload request"),
-                       lambda name: self._on_daemon_thread(self._restart, name))
+    def _verbs(self) -> Tuple[Callable[[], Tuple[bool, str]], Callable[[str], Tuple[bool, str]]]:
+        """Reload and restart, for the control socket and a server with a token."""
+        return (lambda: self._on_daemon_thread(self._reload, "reload request"),
+                lambda name: self._on_daemon_thread(self._restart, name))
 
     def _on_daemon_thread(self, fn: Callable[..., Tuple[bool, str]], *args: Any) -> Tuple[bool, str]:
         """Run `fn(*args)` on the daemon's thread and wait for what it says."""

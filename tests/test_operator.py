@@ -213,3 +213,44 @@ def test_the_control_socket_serves_status_invoke_reload_and_restart_without_a_se
     assert not os.path.exists(path), "the socket goes with the daemon"
     gone = _cli("status", "-c", config)
     assert gone.returncode == 1 and "its HTTP server is off" in gone.stderr and path in gone.stderr, gone.stderr
+
+
+def test_control_socket_and_group_from_the_configuration(broker, daemon_factory, tmp_path):
+    import grp
+    path = f"/run/oef-test-{os.getpid()}-{tmp_path.name[-12:]}/control.sock"
+    daemon = daemon_factory([function("f", "h.handler")], [], files={"fn/h.py": VERSIONED.format(v=1)},
+                            control={"socket": path, "group": "nogroup"})
+    wait_until(lambda: os.path.exists(path), 20, message="the configured socket")
+    st = os.stat(path)
+    assert st.st_mode & 0o777 == 0o660 and st.st_gid == grp.getgrnam("nogroup").gr_gid, oct(st.st_mode)
+    assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o711
+    for how in (["-c", daemon.config_path], ["--socket", path]):
+        status = _cli("status", *how)
+        assert status.returncode == 0 and "f (event)" in status.stdout, status.stderr
+    daemon.stop()
+    os.rmdir(os.path.dirname(path))
+
+
+def test_the_http_server_takes_reload_and_restart_only_behind_its_token(broker, daemon_factory):
+    def post(port: int, path: str, token: str = "") -> "tuple[int, Any]":
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"", method="POST",
+                                         headers={"Authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+        except urllib.error.URLError:
+            return 0, None   # not listening yet
+
+    guarded, open_port = free_port(), free_port()
+    daemon_factory([function("f", "h.handler")], [], files={"fn/h.py": VERSIONED.format(v=1)},
+                   server={"address": f"127.0.0.1:{guarded}", "token": "s3cret"})
+    daemon_factory([function("f", "h.handler")], [], files={"fn/h.py": VERSIONED.format(v=1)},
+                   server={"address": f"127.0.0.1:{open_port}"})
+    wait_until(lambda: post(guarded, "/reload", "s3cret")[0] == 200, 20, message="the guarded server")
+    code, answer = post(guarded, "/restart/f", "s3cret")
+    assert code == 200 and answer["ok"] and "new instances" in answer["message"], answer
+    assert post(guarded, "/reload")[0] == 401
+    assert post(guarded, "/restart/nosuch", "s3cret") == (409, {"ok": False, "message": "no function named 'nosuch'"})
+    wait_until(lambda: post(open_port, "/reload")[0] == 404, 20, message="the open server to refuse")

@@ -3,10 +3,9 @@
 and `mosquitto_ctrl` talk to theirs.
 
 It speaks the HTTP server's API (api/server.py: /status, /healthz, /invoke/<function>, and
-/metrics with a server) plus what an operator does to a running daemon:
-
-    POST /reload                 re-read the configuration, as SIGHUP does; the answer says how it went
-    POST /restart/<function>     new instances of the function's current code; the old ones finish
+/metrics with a server) with what an operator does to a running daemon: POST /reload (as SIGHUP
+does; the answer says how it went) and POST /restart/<function> (new instances of its code; the
+old ones finish what they run).
 
 Who may talk to it is who may open the socket: its file is 0600, the daemon's user's, or 0660
 with `control.group`; the directory above it lets others pass, not list. Requests are served in
@@ -15,44 +14,19 @@ Standard library only: a daemon without `server:` does not load the HTTP server'
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import socketserver
 import stat
 import threading
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Optional
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 log = logging.getLogger("openedge_function.control")
 
 THREADS = 8       # requests served at once; more wait in the listen backlog
 TIMEOUT = 10.0    # seconds a request may take to arrive
-
-
-class Control:
-    """The verbs that change a running daemon, as WSGI routes in front of the API."""
-
-    def __init__(self, api: Callable, reload: Callable[[], "tuple[bool, str]"],
-                 restart: Callable[[str], "tuple[bool, str]"]) -> None:
-        self._api = api
-        self._reload = reload
-        self._restart = restart
-
-    def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-        path, method = environ.get("PATH_INFO", ""), environ["REQUEST_METHOD"]
-        if path == "/reload" or path.startswith("/restart/"):
-            if method != "POST":
-                ok, text, code = False, f"use POST {path}", 405
-            else:
-                ok, text = self._reload() if path == "/reload" else self._restart(path[len("/restart/"):])
-                code = 200 if ok else 409
-            body = json.dumps({"ok": ok, "message": text}).encode()
-            start_response(f"{code} {'OK' if ok else 'Refused'}",
-                           [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
-            return [body]
-        return self._api(environ, start_response)
 
 
 class _Handler(WSGIRequestHandler):

@@ -7,6 +7,8 @@ waits in its server thread while the function's pool runs it like any message.
     GET  /healthz                 200 when connected and every `min` instance is up, else 503
     GET  /metrics                 Prometheus text format
     GET  /status                  functions, instances and counters as JSON
+    POST /reload                  re-read the configuration (control socket; here only with a token)
+    POST /restart/<function>      new instances of the function's code (the same)
 """
 from __future__ import annotations
 
@@ -31,10 +33,13 @@ from ..pool import Pool
 
 log = logging.getLogger("openedge_function.api")
 
+# (reload, restart): each says whether it was done, and what happened or why not.
+Verbs = Tuple[Callable[[], Tuple[bool, str]], Callable[[str], Tuple[bool, str]]]
+
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                "trailers", "transfer-encoding", "upgrade"}
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-            405: "Method Not Allowed", 413: "Payload Too Large", 429: "Too Many Requests",
+            405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large", 429: "Too Many Requests",
             500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout",
             431: "Request Header Fields Too Large", 508: "Loop Detected"}
 _CHAIN_KEY = "HTTP_" + CHAIN_HEADER.upper().replace("-", "_")         # as the WSGI environ has them
@@ -67,11 +72,13 @@ class Api:
     """The WSGI application of the daemon's own server."""
 
     def __init__(self, server: Server, metrics: Any, pools: Callable[[], Dict[str, Pool]],
-                 health: Callable[[], Tuple[bool, List[str], List[str]]], status: Callable[[], dict]) -> None:
+                 health: Callable[[], Tuple[bool, List[str], List[str]]], status: Callable[[], dict],
+                 verbs: Optional[Verbs] = None) -> None:
         self.metrics = metrics
         self._pools = pools       # the running configuration's pools, by function name
         self._health = health
         self._status = status
+        self._verbs = verbs       # reload and restart: on the control socket, or behind a token
         self._bearer = f"Bearer {server.token}" if server.token else ""
 
     # -- routing -------------------------------------------------------------------------------
@@ -102,6 +109,13 @@ class Api:
         if path == "/status":
             body = json.dumps(self._status(), indent=2).encode()
             return self._reply(start_response, 200, body, "application/json")
+        if self._verbs is not None and (path == "/reload" or path.startswith("/restart/")):
+            if method != "POST":
+                return self._error(start_response, Refused("MethodNotAllowed", f"use POST {path}"), "")
+            reload, restart = self._verbs
+            ok, text = reload() if path == "/reload" else restart(path[len("/restart/"):])
+            body = json.dumps({"ok": ok, "message": text}).encode()
+            return self._reply(start_response, 200 if ok else 409, body, "application/json")
         return self._error(start_response, Refused("NotFound", f"no such endpoint: {method} {path}"),
                            "")
 
