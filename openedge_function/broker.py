@@ -95,8 +95,9 @@ class _Connection:
     """A paho client set up from the hub configuration, run by the data plane's loop."""
 
     def __init__(self, plane: DataPlane, hub: Hub, client_id: str, clean_session: bool, name: str,
-                 manual_ack: bool = False) -> None:
+                 manual_ack: bool = False, session_expiry: Optional[int] = None) -> None:
         self.name = name
+        self._expiry = hub.session_expiry if session_expiry is None else session_expiry
         self._plane = plane
         self._loop = plane.loop
         self._hub = hub
@@ -160,7 +161,7 @@ class _Connection:
                 keepalive = max(5, int(self._hub.keepalive))
                 if self._hub.protocol == 5:
                     properties = Properties(PacketTypes.CONNECT)
-                    properties.SessionExpiryInterval = 0 if self._clean else self._hub.session_expiry
+                    properties.SessionExpiryInterval = 0 if self._clean else self._expiry
                     client.connect_async(self._hub.host, self._hub.port, keepalive=keepalive,
                                          clean_start=self._clean, properties=properties)
                 else:
@@ -307,8 +308,9 @@ class Intake(_Connection):
     """A rule's subscription: subscribes on every connect, hands messages on, acknowledges."""
 
     def __init__(self, plane: DataPlane, hub: Hub, client_id: str, clean_session: bool, topic: str,
-                 qos: int, on_message: OnMessage, name: str) -> None:
-        super().__init__(plane, hub, client_id, clean_session, f"rule {name}", manual_ack=True)
+                 qos: int, on_message: OnMessage, name: str, session_expiry: Optional[int] = None) -> None:
+        super().__init__(plane, hub, client_id, clean_session, f"rule {name}", manual_ack=True,
+                         session_expiry=session_expiry)
         self._topic, self._qos = topic, qos
         self._on_message = on_message
         self._client.on_message = self._message
@@ -347,10 +349,14 @@ class Intake(_Connection):
         From a thread other than the loop's."""
         done = threading.Event()
 
+        def unsubscribed(*args: Any) -> None:
+            log.info("%s: unsubscribed from %s", self.name, self._topic)
+            done.set()
+
         def send() -> bool:
             if not self.connected.is_set():
                 return False
-            self._client.on_unsubscribe = lambda *args: done.set()
+            self._client.on_unsubscribe = unsubscribed
             return self._client.unsubscribe(self._topic)[0] == mqtt.MQTT_ERR_SUCCESS
 
         if self._plane.run(send):

@@ -62,6 +62,7 @@ _TICK = 0.1            # seconds between maintenance passes: memory checks, the 
 _REAP_EVERY = 1.0      # seconds between collecting what instances' subprocesses left orphaned
 _SHUTDOWN_EXTRA = 5.0  # on top of the longest function timeout, for a graceful stop
 CHECK_WAIT = 10.0      # seconds the start waits for the checks of `min: 0` functions at most
+LEAVE_QUIET = 0.5      # seconds a shared subscription must be quiet, after its unsubscribe, to be left
 
 
 class Daemon:
@@ -364,6 +365,11 @@ class Daemon:
 
     def _runner(self, rule: Rule, config: AppConfig, pools: Dict[str, Pool], publisher: Publisher) -> RuleRunner:
         function = config.function(rule.function)
+        if rule.shared and config.hub.protocol != 5:
+            log.warning("rule %s: a shared subscription under MQTT 3.1.1 has a session without expiry: "
+                        "if this daemon is lost for good, the broker may keep sending it the group's "
+                        "messages and hold them there; set hub.protocol: 5 (README, \"Beyond one "
+                        "machine\")", rule.name)
         return RuleRunner(self.plane, rule, config.hub, function, pools[function.name], publisher,
                           _replies(rule, config), self._journal)
 
@@ -507,6 +513,9 @@ class Daemon:
     def _transition(stopping: List[Tuple[RuleRunner, bool]], starting: List[RuleRunner],
                     leaving: List[Pool], retired_publisher: Optional[Publisher]) -> None:
         """Settle and disconnect the old rules, then connect the new ones; retire old pools."""
+        # A shared subscription that goes leaves its group first, as at a stop.
+        leave_groups([runner for runner, removed in stopping if removed and runner.rule.shared],
+                     lambda: bool(time.sleep(0.05)))
         for runner, _ in stopping:
             runner.intake.stop_intake()
         for runner, removed in stopping:
@@ -524,10 +533,16 @@ class Daemon:
 
     # -- stopping -------------------------------------------------------------------------------
 
+    def _leave_groups(self) -> None:
+        """Shared subscriptions first (see leave_groups); a second SIGTERM cuts it short."""
+        leave_groups([runner for runner in self.rules if runner.rule.shared],
+                     lambda: self._next_signal(0.05) in (signal.SIGTERM, signal.SIGINT))
+
     def _shutdown(self) -> int:
         """Stop intake, let in-flight work finish and publish, stop every instance."""
         for transition in self._transitions:
             transition.join()
+        self._leave_groups()
         for runner in self.rules:
             runner.intake.stop_intake()
         pools = list(self.pools.values()) + self._leaving + (self.handover.drop_all() if self.handover else [])
@@ -562,6 +577,35 @@ class Daemon:
                      stats["queue_peak"], stats["dropped"])
         log.info("stopped")
         return 0
+
+
+def leave_groups(shared: List[RuleRunner], hurry: Callable[[], bool]) -> None:
+    """Unsubscribe the shared subscriptions of `shared`, so that the broker gives the group's other
+    members what comes from now on, and serve what it sent before it took the unsubscribe (left
+    unacknowledged, that would wait in this daemon's session, for ever or until the session
+    expires). Done when those rules have been quiet and settled for LEAVE_QUIET seconds, or when
+    `hurry()` (called between looks, it may wait a little) says so."""
+    if not shared:
+        return
+    unsubscribing = [threading.Thread(target=runner.intake.unsubscribe, daemon=True) for runner in shared]
+    for thread in unsubscribing:
+        thread.start()
+    for thread in unsubscribing:
+        thread.join()
+    longest = max(runner.function.instance.timeout for runner in shared) + _SHUTDOWN_EXTRA
+    deadline = time.monotonic() + longest
+    seen: List[int] = []
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline:
+        received = [runner.received for runner in shared]
+        if received != seen:
+            seen, quiet_since = received, time.monotonic()
+        elif all(runner.pending <= 0 for runner in shared) and time.monotonic() - quiet_since >= LEAVE_QUIET:
+            return
+        if hurry():
+            return
+    log.warning("shared subscriptions still busy %.0fs after leaving their groups; what they hold "
+                "goes back to the broker", longest)
 
 
 def _replies(rule: Rule, config: AppConfig) -> ReplyPolicy:

@@ -66,7 +66,7 @@ class RuleRunner:
         else:   # no stable identity: a session of its own that the broker forgets
             client_id, clean = f"{hub.clientid}-{rule.index}-{uuid.uuid4().hex[:8]}", True
         self.intake = Intake(plane, hub, client_id, clean, rule.subscribe.topic, rule.subscribe.qos,
-                             self._on_message, rule.name)
+                             self._on_message, rule.name, rule.expiry(hub))
         self._publish = rule.publish
         self._error = rule.error or rule.publish
         self._retry_max = rule.retry_max

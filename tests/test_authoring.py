@@ -14,7 +14,6 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-import pytest
 import yaml
 
 from tests.helpers import (Collector, free_port, function, make_wheel, publish, rule, wait_until,

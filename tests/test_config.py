@@ -360,6 +360,8 @@ def test_delivery_settings(tmp_path):
     assert rule.overflow == "drop" and rule.response_topics == ("reply/#", "+/answers")
     defaults = load(tmp_path, MINIMAL, "defaults.yml")
     assert defaults.hub.protocol == 4 and defaults.hub.session_expiry == 0xFFFFFFFF
+    # A shared subscription's session: the hub's when it sets one, its own when it says.
+    assert rule.expiry(config.hub) == 7200 and defaults.rules[0].expiry(defaults.hub) == 0xFFFFFFFF
     assert defaults.hub.maxsize == 268435460   # MQTT's own bound on a packet
     assert defaults.rules[0].retry_max == 0 and not defaults.rules[0].ordered
     assert defaults.rules[0].overflow == "pause"   # QoS 0 waits at the broker, as QoS 1 does
@@ -373,6 +375,7 @@ def test_delivery_settings(tmp_path):
     ("hub: {maxsize: 512}\n" + textwrap.dedent(MINIMAL), "hub.maxsize", "not between 1k and 256m"),
     ("hub: {maxsize: 1g}\n" + textwrap.dedent(MINIMAL), "hub.maxsize", "not between 1k and 256m"),
     (with_rule(retry={"max": 11}), "rules[0].retry.max", "above the upper bound 10"),
+    (with_rule(sessionexpiry="soon"), "rules[0].sessionexpiry", "not a duration"),
     (with_rule(ordered="yes"), "rules[0].ordered", "not true or false"),
     (with_rule(overflow="block"), "rules[0].overflow", "not one of pause, drop"),
     (with_rule(subscribe={"topic": "$share//t"}), "rules[0].subscribe.topic", "shared subscription"),
@@ -385,6 +388,19 @@ def test_delivery_setting_errors(tmp_path, text, field, words):
     error = error_of(tmp_path, text)
     assert error.field == field and words in error.message, str(error)
 
+
+def test_a_shared_subscription_gets_a_finite_session_by_default(tmp_path):
+    config = load(tmp_path, """
+        hub: {protocol: 5}
+        rules:
+          - {id: a, subscribe: {topic: "$share/g/t", qos: 1}, compute: {function: f}}
+          - {id: b, subscribe: {topic: "$share/g/u", qos: 1}, compute: {function: f}, sessionexpiry: 30s}
+          - {id: c, subscribe: {topic: t, qos: 1}, compute: {function: f}}
+          - {id: d, subscribe: {topic: v, qos: 1}, compute: {function: f}, sessionexpiry: never}
+        functions:
+          - {name: f, handler: main.handler, codedir: fn}
+    """)
+    assert [r.expiry(config.hub) for r in config.rules] == [300, 30, 0xFFFFFFFF, 0xFFFFFFFF]
 
 def test_handler_convention_settings(tmp_path):
     config = load(tmp_path, """

@@ -122,6 +122,29 @@ def test_two_daemons_split_a_shared_subscription(broker, daemon_factory, collect
     assert set(first.instance_pids()) & pids and set(second.instance_pids()) & pids
 
 
+def test_a_shared_subscription_session_expires_as_the_rule_says(broker, daemon_factory):
+    """MQTT 5: a member's session outlives it by its rule's sessionexpiry (default for $share:
+    five minutes, not never), so a member lost for good does not hold the group's share for ever."""
+    hub = {"address": broker.address, "clientid": "oef-expiry", "protocol": 5}
+    rules = [rule("shared", "$share/g/in", "who", "out", sessionexpiry="2s"), rule("plain", "plain/in", "who", "out")]
+    daemon = daemon_factory([function("who", "tools.version")], rules, files={"fn/tools.py": TOOLS}, hub=hub)
+    assert "a shared subscription under MQTT 3.1.1" not in daemon.log()
+    daemon.signal(signal.SIGKILL)   # gone without a DISCONNECT: the sessions stay, for a while
+    daemon.wait(10)
+    time.sleep(4)
+    before = len(daemon.log())
+    daemon.start()
+    log = daemon.log()[before:]
+    assert "rule shared: connected to" in log and "(session new)" in log.split("rule shared: connected")[1].split("\n")[0]
+    assert "(session resumed)" in log.split("rule plain: connected")[1].split("\n")[0]
+
+
+def test_a_shared_subscription_under_mqtt_3_is_warned_of(broker, daemon_factory):
+    daemon = daemon_factory([function("who", "tools.version")], [rule("shared", "$share/g/in", "who", "out")],
+                            files={"fn/tools.py": TOOLS})
+    assert "rule shared: a shared subscription under MQTT 3.1.1 has a session without expiry" in daemon.log()
+
+
 def test_ordered_rules_keep_per_topic_order(broker, daemon_factory, collector):
     daemon_factory([function("jitter", "tools.jitter", instance={"max": 4})],
                    [rule("r1", "dev/+", "jitter", "out", ordered=True)], files={"fn/tools.py": TOOLS})

@@ -275,13 +275,47 @@ def test_sighup_with_a_changed_function_under_load(tmp_path, durable_broker):
     assert counts["versions"].get("1") and counts["versions"].get("2")
 
 
-def test_shared_subscription_one_daemon_sigkilled(tmp_path, durable_broker):
-    shared = {"subscribe": {"topic": "$share/workers/seq/in", "qos": 1}}
-    configs = [daemon_config(durable_broker, f"rel-share-{i}") for i in range(2)]
+def shared_pair(tmp_path, broker: Broker, name: str) -> "tuple[dict, DaemonProcess, DaemonProcess]":
+    """Two daemons whose rule shares seq/in in group `workers`; the first one's configuration."""
+    configs = [daemon_config(broker, f"rel-{name}-{i}") for i in range(2)]
     for config in configs:
-        config["rules"][0].update(shared)
-    first = make_daemon(tmp_path, "a", configs[0])
-    second = make_daemon(tmp_path, "b", configs[1])
+        config["rules"][0]["subscribe"] = {"topic": "$share/workers/seq/in", "qos": 1}
+    return configs[0], make_daemon(tmp_path, "a", configs[0]), make_daemon(tmp_path, "b", configs[1])
+
+
+def test_shared_subscription_one_daemon_sigkilled(tmp_path, durable_broker):
+    _, first, second = shared_pair(tmp_path, durable_broker, "share")
     counts = run_case("two daemons on a shared subscription, one SIGKILLed and restarted",
                       durable_broker, [first, second], 1000, 400, [(1.0, kill_and_restart(first))])
     assert counts["lost"] == 0
+
+
+def test_shared_subscription_one_daemon_stopped_for_good(tmp_path, durable_broker):
+    """A member that leaves the group with SIGTERM and never comes back: the broker must stop
+    giving it work before it goes, or its share of what is sent afterwards waits in its session."""
+    _, leaving, staying = shared_pair(tmp_path, durable_broker, "leave")
+
+    def stop_for_good() -> None:
+        leaving.instance_pids()
+        leaving.signal(signal.SIGTERM)
+        assert leaving.wait(30) == 0
+
+    counts = run_case("two daemons on a shared subscription, one stopped with SIGTERM for good",
+                      durable_broker, [leaving, staying], 1000, 400, [(1.0, stop_for_good)])
+    assert counts["lost"] == 0
+    assert "unsubscribed from $share/workers/seq/in" in leaving.log()
+
+
+def test_shared_subscription_rule_removed_by_a_reload(tmp_path, durable_broker):
+    """A reload that removes a member's shared rule leaves the group as a stop does."""
+    config, leaving, staying = shared_pair(tmp_path, durable_broker, "unshare")
+
+    def remove_the_rule() -> None:
+        with open(leaving.config_path, "w") as fh:
+            yaml.safe_dump({**config, "rules": []}, fh)
+        leaving.signal(signal.SIGHUP)
+
+    counts = run_case("two daemons on a shared subscription, one's rule removed by a reload",
+                      durable_broker, [leaving, staying], 1000, 400, [(1.0, remove_the_rule)])
+    assert counts["lost"] == 0
+    assert "rule seq: unsubscribed from $share/workers/seq/in" in leaving.log()

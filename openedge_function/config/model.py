@@ -73,6 +73,11 @@ class Hub:
     maxsize: int = setting("maxsize", PACKET_MAX, packet_size)   # the largest PUBLISH the broker takes
 
 
+# A shared subscription's session outlives its member by this much by default (seconds): a restart
+# finds it again; a member lost for good leaves its share to the broker's policy after that.
+SHARED_SESSION_EXPIRY = 300
+
+
 @dataclass(frozen=True)
 class Subscription:
     topic: str = setting("topic", convert=topic_filter)
@@ -107,10 +112,26 @@ class Rule:
     # MQTT 5: the topics a request's response topic must match (empty: any topic but the daemon's
     # own subscriptions and $-topics; see replies.py)
     response_topics: Tuple[str, ...] = setting("response.topics", (), response_filters)
+    # MQTT 5: how long the broker keeps the rule's session once it is gone (None: see expiry())
+    session_expiry: Optional[int] = setting("sessionexpiry", None, session_expiry)
 
     @property
     def name(self) -> str:
         return self.id or f"rules[{self.index}]"
+
+    @property
+    def shared(self) -> bool:
+        return self.subscribe.topic.startswith("$share/")
+
+    def expiry(self, hub: "Hub") -> int:
+        """The session expiry the rule's connection asks for (MQTT 5): its own; else, on a shared
+        subscription, SHARED_SESSION_EXPIRY unless the hub sets one (a member lost for good must
+        not hold the group's messages for ever); else the hub's."""
+        if self.session_expiry is not None:
+            return self.session_expiry
+        if self.shared and hub.session_expiry == SESSION_NEVER_EXPIRES:
+            return SHARED_SESSION_EXPIRY
+        return hub.session_expiry
 
 
 @dataclass(frozen=True)
