@@ -37,6 +37,7 @@ check: install
 # why not, otherwise).
 test: install
 	@bash scripts/ensure-broker.sh --binary-only
+	@bash scripts/ensure-nats.sh
 	@bash tests/vm/ensure-tools.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 

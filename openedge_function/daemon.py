@@ -74,6 +74,7 @@ class Daemon:
         self.pools: Dict[str, Pool] = {}
         self.rules: List[RuleRunner] = []
         self.publisher: Optional[Publisher] = None
+        self.nats_publisher: Optional[Any] = None   # jetstream.NatsPublisher, for rules that publish to NATS
         self._leaving: List[Pool] = []              # pools of changed or removed functions
         self._transitions: List[threading.Thread] = []
         self._signals: List[int] = []
@@ -200,6 +201,7 @@ class Daemon:
             self.plane.call(pool.start)
         self._check(self.pools.values(), CHECK_WAIT, "at start")
         self.publisher = self._publisher(config.hub)
+        self._nats_publisher(config)
         for rule in config.rules:
             self.rules.append(self._runner(rule, config, self.pools, self.publisher))
         log.info("openedge-function (pid %s): %d functions, %d rules, broker %s",
@@ -363,15 +365,24 @@ class Daemon:
             self._installer.submit(function, who, installed_now)
         return pool
 
+    def _nats_publisher(self, config: AppConfig) -> None:
+        """The NATS publisher, once a rule publishes to a NATS subject."""
+        if self.nats_publisher is None and config.nats is not None and any(r.to_nats for r in config.rules):
+            from .jetstream import NatsPublisher
+            self.nats_publisher = NatsPublisher(self.plane, config.nats)
+            self.nats_publisher.start()
+
     def _runner(self, rule: Rule, config: AppConfig, pools: Dict[str, Pool], publisher: Publisher) -> RuleRunner:
         function = config.function(rule.function)
+        if rule.to_nats:
+            publisher = self.nats_publisher
         if rule.shared and config.hub.protocol != 5:
             log.warning("rule %s: a shared subscription under MQTT 3.1.1 has a session without expiry: "
                         "if this daemon is lost for good, the broker may keep sending it the group's "
                         "messages and hold them there; set hub.protocol: 5 (README, \"Beyond one "
                         "machine\")", rule.name)
         return RuleRunner(self.plane, rule, config.hub, function, pools[function.name], publisher,
-                          _replies(rule, config), self._journal)
+                          _replies(rule, config), self._journal, config.nats)
 
     def _loop(self) -> None:
         while True:
@@ -448,6 +459,10 @@ class Daemon:
             log.warning("%s: server settings change at the next restart; the HTTP server keeps %s",
                         by, old.server.address if old.server else "off")
             new = dataclasses.replace(new, server=old.server)
+        if new.nats != old.nats and old.nats is not None:
+            log.warning("%s: nats settings change at the next restart; the running ones stay", by)
+            new = dataclasses.replace(new, nats=old.nats)
+        self._nats_publisher(new)
         if new.control != old.control:
             log.warning("%s: control settings change at the next restart; the control socket stays", by)
             new = dataclasses.replace(new, control=old.control)
@@ -560,12 +575,14 @@ class Daemon:
                 break
             for pool in pools:
                 pool.check_memory()
-        if self.publisher is not None:
-            self.publisher.drain(timeout=5.0)
+        for publisher in (self.publisher, self.nats_publisher):
+            if publisher is not None:
+                publisher.drain(timeout=5.0)
         for runner in self.rules:
             runner.stop()
-        if self.publisher is not None:
-            self.publisher.stop()
+        for publisher in (self.publisher, self.nats_publisher):
+            if publisher is not None:
+                publisher.stop()
         for runner in self.rules:
             stats = runner.stats()
             log.info("rule %s: received %d, published %d, failed %d, dropped %d",
@@ -610,7 +627,7 @@ def leave_groups(shared: List[RuleRunner], hurry: Callable[[], bool]) -> None:
 
 def _replies(rule: Rule, config: AppConfig) -> ReplyPolicy:
     """Where `rule` answers MQTT 5 requests: its response.topics, never onto any rule's input."""
-    return ReplyPolicy(rule.response_topics, (r.subscribe.topic for r in config.rules))
+    return ReplyPolicy(rule.response_topics, (r.subscribe.topic for r in config.rules if r.subscribe.topic))
 
 
 def _rule_key(rule: Rule) -> object:

@@ -31,7 +31,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from runtime_python._pb import function_pb2 as pb
 
-from .config import Function, Hub, Publication, Rule
+from .config import Function, Hub, Nats, Publication, Rule
 from .dataplane import DataPlane
 from .errors import (FunctionLoadError, InstanceCrashed, InvocationError, MessageExpired,
                      MessageTooLarge, Packet, PoisonMessage, PublishRefused, ResponseRefused, ResultTooLarge,
@@ -53,7 +53,8 @@ class RuleRunner:
     """Connects one rule's subscription to its function's pool and publishes the outcomes."""
 
     def __init__(self, plane: DataPlane, rule: Rule, hub: Hub, function: Function, pool: Pool,
-                 publisher: Publisher, replies: ReplyPolicy, journal: Optional[Journal] = None) -> None:
+                 publisher: Publisher, replies: ReplyPolicy, journal: Optional[Journal] = None,
+                 nats: Optional[Nats] = None) -> None:
         self.rule = rule
         self.replies = replies
         self._journal = journal
@@ -65,8 +66,15 @@ class RuleRunner:
             client_id, clean = f"{hub.clientid}-{rule.id}", hub.clean_session
         else:   # no stable identity: a session of its own that the broker forgets
             client_id, clean = f"{hub.clientid}-{rule.index}-{uuid.uuid4().hex[:8]}", True
-        self.intake = Intake(plane, hub, client_id, clean, rule.subscribe.topic, rule.subscribe.qos,
-                             self._on_message, rule.name, rule.expiry(hub))
+        self.intake: Any
+        if rule.subscribe.stream:
+            assert nats is not None   # the parser sees to it
+            from .jetstream import JetStreamIntake   # nats-py only for rules that read a stream
+            self.intake = JetStreamIntake(plane, nats, rule.subscribe, rule.id, self._on_message,
+                                          self._on_poison, rule.name)
+        else:
+            self.intake = Intake(plane, hub, client_id, clean, rule.subscribe.topic, rule.subscribe.qos,
+                                 self._on_message, rule.name, rule.expiry(hub))
         self._publish = rule.publish
         self._error = rule.error or rule.publish
         self._retry_max = rule.retry_max
@@ -161,6 +169,22 @@ class RuleRunner:
             return
         if not self.pool.submit(invocation, droppable=qos == 0 and self._drop_qos0):
             self._drop(invocation)
+
+    def _on_poison(self, message: Any) -> None:
+        """A stream's message delivered more than maxdeliver times with no outcome (the daemons
+        that took it died, or took longer than the ack wait): answered with PoisonMessage, not run."""
+        self.received += 1
+        invocation = Invocation(new_request_id(), message.topic, 1, message.payload, int(time.time() * 1000),
+                                message.mid, self._done, self._abandon,
+                                Delivery(False, True, self.intake.generation))
+        self.pending += 1
+        log.error("rule %s: the message on %s (request %s) was delivered %d times without an outcome: "
+                  "answered with PoisonMessage, not run", self.rule.name, message.topic,
+                  invocation.request_id, message.deliveries)
+        self._fail(invocation, PoisonMessage(
+            f"this message was delivered {message.deliveries} times without an outcome (subscribe."
+            f"maxdeliver: {self.rule.subscribe.max_deliver}); function {self.function.name} does not "
+            "run it again"))
 
     @staticmethod
     def _request(invocation: Invocation, properties: Properties) -> None:

@@ -98,14 +98,19 @@ class Broker:
             return False
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, 5)
         self.process = None
+
+
+def terminate(process: Optional[subprocess.Popen], grace: float) -> None:
+    """SIGTERM `process`, and SIGKILL it after `grace` seconds; reaped either way."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 class Collector:

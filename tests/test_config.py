@@ -437,3 +437,42 @@ def test_handler_convention_settings(tmp_path):
 def test_handler_convention_errors(tmp_path, change, field, words):
     error = error_of(tmp_path, with_function(**change))
     assert error.field == field and words in error.message, str(error)
+
+
+STREAM_RULE = """
+    nats: {servers: [nats://127.0.0.1:4222, "nats://127.0.0.1:4223"]}
+    rules:
+      - id: seq
+        subscribe: {stream: SEQ, subject: seq.in, ackwait: 45s, maxdeliver: 3}
+        compute: {function: f}
+        publish: {subject: seq.out}
+    functions:
+      - {name: f, handler: main.handler, codedir: fn}
+"""
+
+
+def test_a_rule_may_read_a_jetstream_stream_and_publish_to_nats(tmp_path):
+    config = load(tmp_path, STREAM_RULE)
+    assert config.nats.servers == ("nats://127.0.0.1:4222", "nats://127.0.0.1:4223")
+    rule = config.rules[0]
+    assert rule.subscribe.stream == "SEQ" and rule.subscribe.subject == "seq.in" and rule.subscribe.topic == ""
+    assert rule.subscribe.ack_wait == 45 and rule.subscribe.max_deliver == 3
+    assert rule.to_nats and rule.publish.topic == rule.publish.subject == "seq.out" and not rule.shared
+
+
+@pytest.mark.parametrize("change, field, words", [
+    (lambda t: t.replace("nats: {servers: [nats://127.0.0.1:4222, \"nats://127.0.0.1:4223\"]}\n", ""),
+     "rules[0].subscribe.stream", "needs a nats: section"),
+    (lambda t: t.replace("subject: seq.in,", "subject: seq.in, topic: t,"), "rules[0].subscribe.topic",
+     "either an MQTT topic or a stream"),
+    (lambda t: t.replace("subject: seq.in, ", ""), "rules[0].subscribe.subject", "is required with stream"),
+    (lambda t: t.replace("  - id: seq\n", "  -\n"), "rules[0].subscribe.consumer", "give the rule an id"),
+    (lambda t: t.replace("{subject: seq.out}", "{subject: seq.out, topic: t}"), "rules[0].publish.subject",
+     "not both"),
+    (lambda t: t.replace("{subject: seq.out}", "{subject: seq.out}\n    error: {topic: t/err}"),
+     "rules[0].error", "both to MQTT topics or both to NATS subjects"),
+    (lambda t: t.replace("nats://127.0.0.1:4222,", "127.0.0.1:4222,"), "nats.servers", "not nats://host:port"),
+])
+def test_stream_rule_errors(tmp_path, change, field, words):
+    error = error_of(tmp_path, change(textwrap.dedent(STREAM_RULE)))
+    assert error.field == field and words in error.message, str(error)

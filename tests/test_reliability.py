@@ -319,3 +319,43 @@ def test_shared_subscription_rule_removed_by_a_reload(tmp_path, durable_broker):
                       durable_broker, [leaving, staying], 1000, 400, [(1.0, remove_the_rule)])
     assert counts["lost"] == 0
     assert "rule seq: unsubscribed from $share/workers/seq/in" in leaving.log()
+
+
+def test_shared_subscription_one_daemon_lost_for_good_on_mosquitto(tmp_path, durable_broker):
+    """What mosquitto does with the share of a member that never comes back (MQTT 5, a session
+    expiry of 2 s): it keeps handing it messages, parks them in the dead member's session, and
+    drops them when the session expires. Counted for the README's table; NATS JetStream
+    (tests/test_cluster.py) is where such a loss is 0."""
+    config, lost, staying = shared_pair(tmp_path, durable_broker, "lost")
+    for daemon in (lost, staying):
+        with open(daemon.config_path) as fh:
+            data = yaml.safe_load(fh)
+        data["hub"]["protocol"] = 5
+        data["rules"][0]["sessionexpiry"] = "2s"
+        with open(daemon.config_path, "w") as fh:
+            yaml.safe_dump(data, fh)
+    ledger = Ledger(durable_broker, "seq/out")
+    try:
+        for daemon in (lost, staying):
+            daemon.start()
+        feeder = Feeder(durable_broker, "seq/in", 1000, 400)
+        feeder.start()
+        time.sleep(1.0)
+        lost.instance_pids()
+        lost.signal(signal.SIGKILL)
+        lost.wait(10)
+        assert feeder.done.wait(120)
+        last, quiet = -1, time.monotonic()
+        while time.monotonic() - quiet < 5:   # answered what it will answer
+            if len(ledger.seqs) != last:
+                last, quiet = len(ledger.seqs), time.monotonic()
+            time.sleep(0.2)
+        counts = ledger.counts(1000)
+        feeder.close()
+    finally:
+        ledger.close()
+        staying.stop()
+    REPORT["mosquitto: two daemons on a shared subscription, one SIGKILLed for good (MQTT 5, expiry 2 s)"] = counts
+    print(f"\nmosquitto, a member lost for good: {counts}")
+    # Its share after the kill is gone with its session; what came before it, and the rest, is not.
+    assert 0 < counts["lost"] < 700, counts

@@ -6,13 +6,13 @@ parser.py       reads a file into the model, reporting every error with its fiel
 """
 from .converters import byte_size, duration, function_name
 from .model import (PACKET_MAX, SESSION_NEVER_EXPIRES, AppConfig, Control, Credentials, Defaults, Function, Hub,
-                    Limits, LoggerConfig, Packages, Publication, Rule, Server, Service, Subscription,
+                    Limits, LoggerConfig, Nats, Packages, Publication, Rule, Server, Service, Subscription,
                     default_package_cache, state_directory)
 from .parser import load_config, parse_config
 
 __all__ = [
     "AppConfig", "Control", "Hub", "Rule", "Subscription", "Publication", "Function", "Limits", "Credentials",
-    "Service", "Defaults", "Packages", "LoggerConfig", "Server", "load_config", "parse_config",
+    "Service", "Nats", "Defaults", "Packages", "LoggerConfig", "Server", "load_config", "parse_config",
     "duration", "byte_size", "function_name", "state_directory", "default_package_cache",
     "PACKET_MAX", "SESSION_NEVER_EXPIRES",
 ]

@@ -80,14 +80,33 @@ SHARED_SESSION_EXPIRY = 300
 
 @dataclass(frozen=True)
 class Subscription:
-    topic: str = setting("topic", convert=topic_filter)
+    """An MQTT topic filter (`topic`), or a JetStream stream's subject (`stream`, `subject`)."""
+    topic: str = setting("topic", "", topic_filter)
     qos: int = setting("qos", 0, qos)
+    stream: Optional[str] = setting("stream", None, nonempty_string)   # a JetStream stream (nats:)
+    subject: str = setting("subject", "", nonempty_string)   # its subjects this rule takes
+    consumer: str = setting("consumer", "", nonempty_string)   # the durable consumer every
+    #   daemon shares (default: openedge-function-<rule id>)
+    ack_wait: float = setting("ackwait", 30.0, above_zero(duration))   # redelivered after this
+    max_deliver: int = setting("maxdeliver", 5, bounded_int(1, 1000))   # then PoisonMessage
+
+
+@dataclass(frozen=True)
+class Nats:
+    """A NATS cluster with JetStream (`nats:`), for rules that read a stream."""
+    servers: Tuple[str, ...] = setting("servers", ("nats://127.0.0.1:4222",), None)
+    user: Optional[str] = setting("username", None, string)
+    password: Optional[str] = setting("password", None, string, repr=False)
+    token: Optional[str] = setting("token", None, string, repr=False)
+    name: str = setting("name", "openedge-function", nonempty_string)   # its connections' name
 
 
 @dataclass(frozen=True)
 class Publication:
-    topic: str = setting("topic", convert=topic_name)
+    """An MQTT topic (`topic`), or a NATS subject (`subject`, with nats:; then `topic` holds it too)."""
+    topic: str = setting("topic", "", topic_name)
     qos: int = setting("qos", 0, qos)
+    subject: str = setting("subject", "", nonempty_string)
 
 
 @dataclass(frozen=True)
@@ -118,6 +137,11 @@ class Rule:
     @property
     def name(self) -> str:
         return self.id or f"rules[{self.index}]"
+
+    @property
+    def to_nats(self) -> bool:
+        """Its outcomes go to NATS subjects."""
+        return any(p is not None and p.subject for p in (self.publish, self.error))
 
     @property
     def shared(self) -> bool:
@@ -267,6 +291,7 @@ class AppConfig:
     defaults: Defaults = field(default_factory=Defaults)
     packages: Packages = field(default_factory=Packages)
     control: Control = field(default_factory=Control)
+    nats: Optional[Nats] = None
 
     def function(self, name: str) -> Function:
         for fn in self.functions:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import ipaddress
 import logging
 import os
@@ -24,7 +25,7 @@ import yaml
 
 from ..errors import ConfigError, ConfigErrors
 from .converters import above_zero, boolean, duration, entry_point, nonempty_string, show, string
-from .model import (AppConfig, Control, Credentials, Defaults, Function, Hub, Limits, LoggerConfig, Packages,
+from .model import (AppConfig, Control, Credentials, Defaults, Function, Hub, Limits, LoggerConfig, Nats, Packages,
                     Publication, Rule, Server, Service, Subscription, declaration,
                     default_package_cache, settings_of)
 
@@ -35,7 +36,7 @@ log = logging.getLogger("openedge_function.config")
 # Keys OpenEdge's module manager read from every module's configuration; they mean nothing here.
 _MODULE_KEYS = ("name", "alias", "mark", "entry", "restart", "expose", "volumes", "params", "env",
                 "resources", "api")
-_SECTIONS = ("hub", "rules", "functions", "logger", "server", "defaults", "packages", "control")
+_SECTIONS = ("hub", "rules", "functions", "logger", "server", "defaults", "packages", "control", "nats")
 
 
 class Problems:
@@ -254,10 +255,23 @@ def _parse_top(problems: Problems, data: Any, file: str, workdir: str) -> Option
         server = problems.each(_parse_server, top.section("server", Server))
     packages = problems.each(_parse_packages, top.section("packages", Packages), workdir)
     control = problems.each(_parse_control, top.section("control", Control))
+    nats = None
+    if top.data.get("nats") is not None:
+        nats = problems.each(_parse_nats, top.section("nats", Nats))
+    if any(rule.subscribe.stream or rule.to_nats for rule in rules) and importlib.util.find_spec("nats") is None:
+        problems.note(ConfigError(file, "nats", "rules that read a stream or publish to NATS need nats-py: "
+                                  "pip install 'openedge-function[nats]'"))
+    for rule in rules:
+        if rule.subscribe.stream and top.data.get("nats") is None:
+            problems.note(ConfigError(file, f"rules[{rule.index}].subscribe.stream",
+                                      "reading a JetStream stream needs a nats: section (its servers)"))
+        if rule.to_nats and top.data.get("nats") is None:
+            problems.note(ConfigError(file, f"rules[{rule.index}].publish.subject",
+                                      "publishing to NATS needs a nats: section (its servers)"))
     if problems.found or hub is None or logger is None or packages is None or control is None:
         return None   # parse_config reports what was found
     return AppConfig(file=file, hub=hub, rules=tuple(rules), functions=tuple(functions), logger=logger,
-                     server=server, defaults=defaults, packages=packages, control=control)
+                     server=server, defaults=defaults, packages=packages, control=control, nats=nats)
 
 
 def parse_control(data: Any, file: str) -> Control:
@@ -340,8 +354,31 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _parse_nats(r: Reader) -> Nats:
+    servers = r.data.get("servers", list(Nats.servers))
+    if isinstance(servers, str):
+        servers = [servers]
+    if not isinstance(servers, list) or not servers:
+        raise r.fail("servers", f"expected a list of nats://host:port, got {show(servers)}")
+    for server in servers:
+        if not isinstance(server, str) or not re.match(r"^(nats|tls)://[^/\s]+:\d+/?$", server):
+            raise r.fail("servers", f"{show(server)} is not nats://host:port (or tls://host:port)")
+    return r.read(Nats, servers=tuple(servers))
+
+
 def _parse_rule(r: Reader, index: int, functions: List[str]) -> Rule:
-    subscribe = r.section("subscribe", Subscription).read(Subscription)
+    section = r.section("subscribe", Subscription)
+    subscribe = section.read(Subscription)
+    if subscribe.stream:
+        if subscribe.topic:
+            raise section.fail("topic", "a rule reads either an MQTT topic or a stream, not both")
+        if not subscribe.subject:
+            raise section.fail("subject", "is required with stream (the subjects of it this rule takes)")
+        if not subscribe.consumer and not r.data.get("id"):
+            raise section.fail("consumer", "give the rule an id (or the consumer a name): every "
+                               "gateway must share the same durable consumer")
+    elif not subscribe.topic:
+        raise section.fail("topic", "is required (or stream and subject, for a JetStream stream)")
     if r.has("compute") and r.has("function"):
         raise r.fail("function", "give either compute.function or function.name, not both")
     if r.has("function"):
@@ -357,10 +394,21 @@ def _parse_rule(r: Reader, index: int, functions: List[str]) -> Rule:
         raise ConfigError(r.file, fn_path, f"{fn!r} is not a function defined under functions (known: {known})")
 
     def publication(key: str) -> Optional[Publication]:
-        return r.section(key, Publication).read(Publication) if r.has(key) else None
+        if not r.has(key):
+            return None
+        section = r.section(key, Publication)
+        target = section.read(Publication)
+        if target.subject and target.topic:
+            raise section.fail("subject", "give either an MQTT topic or a NATS subject, not both")
+        if not target.subject and not target.topic:
+            raise section.fail("topic", "is required (or subject, for NATS)")
+        return Publication(topic=target.subject, qos=target.qos, subject=target.subject) if target.subject \
+            else target
 
-    return r.read(Rule, index=index, subscribe=subscribe, function=fn, publish=publication("publish"),
-                  error=publication("error"))
+    publish, error = publication("publish"), publication("error")
+    if publish is not None and error is not None and bool(publish.subject) != bool(error.subject):
+        raise r.fail("error", "publish and error go both to MQTT topics or both to NATS subjects")
+    return r.read(Rule, index=index, subscribe=subscribe, function=fn, publish=publish, error=error)
 
 
 def _parse_function(r: Reader, workdir: str) -> Function:

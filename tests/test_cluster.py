@@ -1,0 +1,109 @@
+"""Beyond one machine on NATS JetStream: gateways share a stream through one durable consumer, and a
+gateway lost for good loses nothing. A three-node cluster on loopback ports, real daemons, numbered
+messages counted by sequence number, as tests/test_reliability.py counts them."""
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any, Dict, List
+
+import pytest
+
+from tests.cluster import NatsCluster, run_stream_case
+from tests.helpers import DaemonProcess, alive, wait_until, write_handler
+from tests.test_reliability import REPORT
+
+pytest.importorskip("nats", reason="nats-py is a test dependency (pip install -e '.[test]')")
+
+HANDLER = '''
+import os, time
+
+def handler(event, context):
+    if event["seq"] == int(os.environ.get("STUCK", "-1")):
+        time.sleep(3)   # longer than the ack wait, every time
+    return {"seq": event["seq"], "pid": os.getpid()}
+'''
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    directory = tmp_path / "nats"
+    directory.mkdir()
+    nodes = NatsCluster(str(directory)).start()
+    nodes.streams(("SEQ", "seq.in"), ("OUT", "seq.out"))
+    yield nodes
+    nodes.stop()
+
+
+def gateway(tmp_path, cluster: NatsCluster, broker: Any, name: str, **subscribe: Any) -> DaemonProcess:
+    directory = tmp_path / name
+    write_handler(str(directory / "fn"), "echo.py", HANDLER)
+    config: Dict[str, Any] = {
+        "hub": {"address": broker.address, "clientid": f"cluster-{name}"},
+        "nats": {"servers": cluster.servers},
+        "functions": [{"name": "echo", "handler": "echo.handler", "codedir": "fn", "instance": {"max": 4},
+                       "env": {"STUCK": str(subscribe.pop("stuck", -1))}}],
+        "rules": [{"id": "seq", "subscribe": {"stream": "SEQ", "subject": "seq.in", "ackwait": "2s", **subscribe},
+                   "compute": {"function": "echo"}, "publish": {"subject": "seq.out"}}],
+        "logger": {"level": "info"},
+    }
+    return DaemonProcess(str(directory), config)
+
+
+def finish(name: str, counts: dict, daemons: List[DaemonProcess]) -> None:
+    REPORT[name] = {key: value for key, value in counts.items() if key != "pids"}
+    print(f"\n{name}: {counts}")
+    pids = set()
+    for daemon in daemons:
+        daemon.instance_pids()
+        pids.update(daemon.seen_pids)
+        daemon.stop()
+    wait_until(lambda: not alive(sorted(pids)), 10, message="no instance left behind")
+
+
+def test_two_gateways_share_a_stream_and_one_lost_for_good_loses_nothing(tmp_path, cluster, broker):
+    gateways = [gateway(tmp_path, cluster, broker, name) for name in ("a", "b")]
+    lost = gateways[0]
+
+    def kill_for_good() -> None:
+        lost.instance_pids()
+        lost.signal(signal.SIGKILL)
+        lost.wait(10)
+
+    counts: dict = {}
+    try:
+        counts = run_stream_case(cluster, gateways, 1000, 400, [(1.0, kill_for_good)])
+    finally:
+        finish("NATS: two gateways on one stream, one SIGKILLed for good", counts, gateways)
+    assert counts["lost"] == 0, counts
+    assert set(counts["pids"]) & lost.seen_pids, "the lost gateway had answered some before it died"
+    assert set(counts["pids"]) - lost.seen_pids, "the other gateway answered the rest"
+
+
+def test_a_nats_node_killed_and_restarted_mid_load_loses_nothing(tmp_path, cluster, broker):
+    gateways = [gateway(tmp_path, cluster, broker, name) for name in ("a", "b")]
+    node = cluster.nodes[0]
+
+    def kill_a_node() -> None:
+        node.kill()
+        time.sleep(2.0)
+        node.start()
+
+    counts: dict = {}
+    try:
+        counts = run_stream_case(cluster, gateways, 1000, 400, [(1.0, kill_a_node)])
+    finally:
+        finish("NATS: a cluster node SIGKILLed and restarted mid-load", counts, gateways)
+    assert counts["lost"] == 0, counts
+
+
+def test_a_message_delivered_too_often_is_a_poison_message(tmp_path, cluster, broker):
+    daemon = gateway(tmp_path, cluster, broker, "a", stuck=7, maxdeliver=2, ackwait="1s")
+    counts: dict = {}
+    try:
+        counts = run_stream_case(cluster, [daemon], 20, 20, [])
+    finally:
+        finish("NATS: a message that outlives its ack wait, every time", counts, [daemon])
+    assert counts["lost"] == 0
+    log = daemon.log()
+    assert "was delivered 3 times without an outcome: answered with PoisonMessage" in log, log[-3000:]
