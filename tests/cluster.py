@@ -34,6 +34,8 @@ class NatsNode:
                 jetstream {{ store_dir: "{directory}/{name}-js" }}
                 cluster {{
                   name: oef
+                  # Clients use the addresses they were given (a gateway's link, tests/cluster.Link)
+                  no_advertise: true
                   listen: 127.0.0.1:{route_port}
                   routes: [{", ".join(f"nats-route://127.0.0.1:{p}" for p in routes)}]
                 }}
@@ -61,6 +63,79 @@ class NatsNode:
         terminate(self.process, 10)
 
 
+class Link:
+    """A gateway's network link to one NATS node: a TCP relay on a port of its own that the test
+    can cut (every connection through it dropped, new ones refused) and restore."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self._cut = False
+        self._open: List[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self._cut:
+                client.close()
+                continue
+            try:
+                server = socket.create_connection(("127.0.0.1", self.upstream), timeout=2)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open += [client, server]
+            for source, target in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data or self._cut:
+                    break
+                target.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, target):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        self._cut = True
+        with self._lock:
+            for sock in self._open:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+            self._open.clear()
+
+    def restore(self) -> None:
+        self._cut = False
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
 class NatsCluster:
     """Three nats-server processes routed to each other, JetStream on; streams of three replicas."""
 
@@ -72,6 +147,10 @@ class NatsCluster:
     @property
     def servers(self) -> List[str]:
         return [f"nats://127.0.0.1:{node.port}" for node in self.nodes]
+
+    def links(self) -> List[Link]:
+        """A link to each node, for one gateway."""
+        return [Link(node.port) for node in self.nodes]
 
     def start(self) -> "NatsCluster":
         for node in self.nodes:

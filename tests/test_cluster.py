@@ -35,12 +35,13 @@ def cluster(tmp_path):
     nodes.stop()
 
 
-def gateway(tmp_path, cluster: NatsCluster, broker: Any, name: str, **subscribe: Any) -> DaemonProcess:
+def gateway(tmp_path, cluster: NatsCluster, broker: Any, name: str, servers: List[str] = (),
+            **subscribe: Any) -> DaemonProcess:
     directory = tmp_path / name
     write_handler(str(directory / "fn"), "echo.py", HANDLER)
     config: Dict[str, Any] = {
         "hub": {"address": broker.address, "clientid": f"cluster-{name}"},
-        "nats": {"servers": cluster.servers},
+        "nats": {"servers": list(servers) or cluster.servers},
         "functions": [{"name": "echo", "handler": "echo.handler", "codedir": "fn", "instance": {"max": 4},
                        "env": {"STUCK": str(subscribe.pop("stuck", -1))}}],
         "rules": [{"id": "seq", "subscribe": {"stream": "SEQ", "subject": "seq.in", "ackwait": "2s", **subscribe},
@@ -107,3 +108,28 @@ def test_a_message_delivered_too_often_is_a_poison_message(tmp_path, cluster, br
     assert counts["lost"] == 0
     log = daemon.log()
     assert "was delivered 3 times without an outcome: answered with PoisonMessage" in log, log[-3000:]
+
+
+def test_a_gateway_cut_off_longer_than_the_ack_wait_loses_nothing(tmp_path, cluster, broker):
+    links = cluster.links()
+    cut_off = gateway(tmp_path, cluster, broker, "a", servers=[link.address for link in links])
+    other = gateway(tmp_path, cluster, broker, "b")
+
+    def cut_then_restore() -> None:
+        cut_off.instance_pids()
+        for link in links:
+            link.cut()
+        time.sleep(5.0)   # the ack wait is 2 s: its messages go to the other gateway meanwhile
+        for link in links:
+            link.restore()
+
+    counts: dict = {}
+    try:
+        counts = run_stream_case(cluster, [cut_off, other], 1000, 400, [(1.0, cut_then_restore)])
+    finally:
+        finish("NATS: a gateway's link cut for 5 s (ack wait 2 s), then restored", counts, [cut_off, other])
+        for link in links:
+            link.close()
+    assert counts["lost"] == 0, counts
+    assert "lost the NATS server" in cut_off.log() and "reconnected to" in cut_off.log()
+    assert set(counts["pids"]) & cut_off.seen_pids, "the cut-off gateway answered before and after"
