@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= example/etc/application.yml
 PYTEST_ARGS ?=
 
-.PHONY: install proto broker run test test-vm check bench soak wheel deb clean
+.PHONY: install proto broker run test test-vm check bench bench-cluster soak wheel deb clean
 
 install: $(VENV)/.installed
 
@@ -61,6 +61,12 @@ bench: install
 	@bash scripts/ensure-broker.sh --binary-only
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/bench.py $(BENCH_ARGS)
+
+# Gateways sharing a NATS JetStream stream, one, two and three of them (bench/cluster.py --help).
+bench-cluster: install
+	@bash scripts/ensure-broker.sh --binary-only
+	@bash scripts/ensure-nats.sh
+	$(PY) bench/cluster.py $(BENCH_ARGS)
 
 # The soak (bench/soak.py --help): steady mixed load for SOAK_ARGS' --duration (default 5 minutes,
 # e.g. SOAK_ARGS="--duration 4h --plot"); fails on any QoS 1 loss or on growth after warm-up.

@@ -48,6 +48,21 @@ def _no_delay(client, userdata, sock) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def cpu_seconds(pid: int) -> Dict[str, float]:
+    """CPU seconds (user + system, from /proc) of the daemon `pid` and of its instances together."""
+    supervisor = psutil.Process(pid)
+    own = supervisor.cpu_times()
+    instances = 0.0
+    for process in supervisor.children():
+        try:
+            if is_instance(process.cmdline(), process.name()):
+                times = process.cpu_times()
+                instances += times.user + times.system
+        except psutil.Error:
+            pass
+    return {"supervisor": own.user + own.system, "instances": instances}
+
+
 class Driver:
     """A publisher and a subscriber: numbered messages out, replies counted and timed."""
 
@@ -189,16 +204,7 @@ class DaemonUnderTest:
             return []
 
     def cpu(self) -> Dict[str, float]:
-        """CPU seconds (user + system, from /proc) of the supervisor and of its instances together."""
-        supervisor = psutil.Process(self.process.pid).cpu_times()
-        instances = 0.0
-        for process in self.instances():
-            try:
-                times = process.cpu_times()
-                instances += times.user + times.system
-            except psutil.Error:
-                pass
-        return {"supervisor": supervisor.user + supervisor.system, "instances": instances}
+        return cpu_seconds(self.process.pid)
 
     def memory(self) -> dict:
         """Resident memory (RSS) of each process; for instances also PSS, their share of the
