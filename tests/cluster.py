@@ -25,6 +25,7 @@ def nats_binary() -> str:
 class NatsNode:
     def __init__(self, directory: str, name: str, port: int, route_port: int, routes: List[int]) -> None:
         self.name, self.port = name, port
+        self.mqtt_port = free_port()   # NATS's MQTT listener: devices speak MQTT to the cluster
         self.config = os.path.join(directory, f"{name}.conf")
         self.log = os.path.join(directory, f"{name}.log")
         with open(self.config, "w") as fh:
@@ -32,6 +33,7 @@ class NatsNode:
                 server_name: {name}
                 listen: 127.0.0.1:{port}
                 jetstream {{ store_dir: "{directory}/{name}-js" }}
+                mqtt {{ listen: 127.0.0.1:{self.mqtt_port} }}
                 cluster {{
                   name: oef
                   # Clients use the addresses they were given (a gateway's link, tests/cluster.Link)
@@ -61,6 +63,17 @@ class NatsNode:
 
     def stop(self) -> None:
         terminate(self.process, 10)
+
+
+class MqttListener:
+    """A node's MQTT listener, where an MQTT broker is expected (a hub, a Collector)."""
+
+    def __init__(self, node: NatsNode) -> None:
+        self.host, self.port = "127.0.0.1", node.mqtt_port
+
+    @property
+    def address(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
 
 
 class Link:

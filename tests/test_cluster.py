@@ -3,14 +3,16 @@ gateway lost for good loses nothing. A three-node cluster on loopback ports, rea
 messages counted by sequence number, as tests/test_reliability.py counts them."""
 from __future__ import annotations
 
+import json
 import signal
 import time
 from typing import Any, Dict, List
 
 import pytest
+import yaml
 
-from tests.cluster import NatsCluster, run_stream_case
-from tests.helpers import DaemonProcess, alive, wait_until, write_handler
+from tests.cluster import MqttListener, NatsCluster, run_stream_case
+from tests.helpers import Collector, DaemonProcess, alive, wait_until, write_handler
 from tests.test_reliability import REPORT
 
 pytest.importorskip("nats", reason="nats-py is a test dependency (pip install -e '.[test]')")
@@ -133,3 +135,32 @@ def test_a_gateway_cut_off_longer_than_the_ack_wait_loses_nothing(tmp_path, clus
     assert counts["lost"] == 0, counts
     assert "lost the NATS server" in cut_off.log() and "reconnected to" in cut_off.log()
     assert set(counts["pids"]) & cut_off.seen_pids, "the cut-off gateway answered before and after"
+
+
+def test_devices_speak_mqtt_to_the_cluster(tmp_path, cluster, broker):
+    """Devices publish with MQTT to NATS's MQTT listener (seq/in is subject seq.in, kept by stream
+    SEQ); the gateway's answers go out over MQTT too (its hub is the listener) and reach an MQTT
+    subscriber and stream OUT (seq/out is seq.out)."""
+    mqtt_listener = MqttListener(cluster.nodes[0])
+    daemon = gateway(tmp_path, cluster, mqtt_listener, "a")
+    with open(daemon.config_path) as fh:
+        config = yaml.safe_load(fh)
+    config["rules"][0]["publish"] = {"topic": "seq/out", "qos": 1}
+    with open(daemon.config_path, "w") as fh:
+        yaml.safe_dump(config, fh)
+    listener = Collector(mqtt_listener, ["seq/out"])
+    counts: dict = {}
+    try:
+        daemon.start(wait=False)
+        wait_until(lambda: "as consumer" in daemon.log() and "publisher: connected" in daemon.log(), 30,
+                   message="the gateway on the cluster")
+        device = Collector(mqtt_listener, [])
+        for seq in range(200):
+            device.client.publish("seq/in", json.dumps({"seq": seq}), 1).wait_for_publish(10)
+        device.close()
+        wait_until(lambda: len({json.loads(m.payload)["seq"] for m in listener.on("seq/out")}) == 200, 60,
+                   message="200 answers over MQTT")
+        counts = {"sent": 200, "answered over MQTT": len({json.loads(m.payload)["seq"] for m in listener.on("seq/out")})}
+    finally:
+        listener.close()
+        finish("NATS: devices speak MQTT to the cluster's listener", counts, [daemon])
