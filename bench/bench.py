@@ -37,6 +37,7 @@ from runtime_python.template import NAME as TEMPLATE_NAME  # noqa: E402
 from tests.helpers import Broker, is_instance, wait_until  # noqa: E402  (the tests' fixtures)
 
 ECHO = "def handler(event, context):\n    return event\n"
+PROTOCOL = ""   # hub.protocol of the daemons measured ("": the daemon's default); --protocol
 
 
 def say(text: str) -> None:
@@ -172,7 +173,8 @@ class DaemonUnderTest:
         with open(os.path.join(self.workdir, "fn", "echo.py"), "w") as fh:
             fh.write(ECHO)
         config = {
-            "hub": {"address": f"tcp://127.0.0.1:{port}", "clientid": f"bench-{tag}"},
+            "hub": {"address": f"tcp://127.0.0.1:{port}", "clientid": f"bench-{tag}",
+                    **({"protocol": PROTOCOL} if PROTOCOL else {})},
             "rules": [{"id": "echo", "subscribe": {"topic": "bench/in", "qos": 1},
                        "compute": {"function": "echo"}, "publish": {"topic": "bench/out", "qos": 1}}],
             "functions": [{"name": "echo", "handler": "echo.handler", "codedir": "fn",
@@ -351,10 +353,14 @@ def main() -> int:
     parser.add_argument("--cold", type=int, default=3, help="cold starts to time")
     parser.add_argument("--reloads", type=int, default=5, help="code edits to time")
     parser.add_argument("--broker", help="host:port of a broker to use instead of starting one")
+    parser.add_argument("--protocol", default="", help="hub.protocol of the daemon: 3.1.1, 5 or auto "
+                        "(default: the daemon's own default)")
     parser.add_argument("--out", default=os.path.join(ROOT, "var", "bench.json"))
     parser.add_argument("--plot", nargs="?", const=os.path.join(ROOT, "var", "bench-latency.png"),
                         help="draw a latency histogram PNG (needs matplotlib)")
     args = parser.parse_args()
+    global PROTOCOL
+    PROTOCOL = args.protocol
     rates = [float(r) for r in args.rates.split(",") if r]
 
     workdir = tempfile.mkdtemp(prefix="oef-bench-")

@@ -31,6 +31,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from .config import PACKET_MAX, Hub
+from .config.converters import PROTOCOL_AUTO
 from .dataplane import DataPlane
 
 log = logging.getLogger("openedge_function.hub")
@@ -39,6 +40,7 @@ OnMessage = Callable[[mqtt.MQTTMessage], None]
 Then = Callable[[Optional[ReasonCode]], None]   # a publish's end: None when the broker has it
 
 _MISC_EVERY = 1.0      # seconds between keep-alive checks
+_UNSUPPORTED_PROTOCOL = 0x84   # CONNACK: the broker does not speak the protocol asked for
 _READS_PER_EVENT = 64  # packets read in one go before the loop serves others
 # A PUBLISH beyond its payload and topic: fixed header (up to 5), topic length (2), packet id (2),
 # and room for MQTT 5's empty property list.
@@ -104,13 +106,33 @@ class _Connection:
         self._clean = clean_session
         self.connected = threading.Event()
         self.generation = 0        # bumped on every connect: acks belong to one connection
-        if hub.protocol == 5:
-            client = PahoClient(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                protocol=mqtt.MQTTv5, manual_ack=manual_ack)
+        self._client_id, self._manual_ack = client_id, manual_ack
+        # MQTT 5 unless the configuration says 3.1.1; `auto` falls back to 3.1.1 when the broker
+        # refuses 5 (see _connected).
+        self.v5 = hub.protocol != 4
+        self._client = self._make_client()
+        self._sock: Any = None
+        self._flush_due = False
+        self._flushing = False
+        self._writer = False
+        self._reader = False
+        self._paused: Set[str] = set()   # why reading is paused; empty: reading
+        self._stopped = False
+        self._started = False
+        self._delay = 1.0
+        self._failures = 0
+        self._misc: Optional[Any] = None
+        self._received = 0   # messages delivered (an intake's), to tell when a read found one
+
+    def _make_client(self) -> "PahoClient":
+        hub = self._hub
+        if self.v5:
+            client = PahoClient(CallbackAPIVersion.VERSION2, client_id=self._client_id,
+                                protocol=mqtt.MQTTv5, manual_ack=self._manual_ack)
         else:
-            client = PahoClient(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                clean_session=clean_session, protocol=mqtt.MQTTv311,
-                                manual_ack=manual_ack)
+            client = PahoClient(CallbackAPIVersion.VERSION2, client_id=self._client_id,
+                                clean_session=self._clean, protocol=mqtt.MQTTv311,
+                                manual_ack=self._manual_ack)
         if hub.username is not None:
             client.username_pw_set(hub.username, hub.password)
         if hub.tls:
@@ -126,19 +148,11 @@ class _Connection:
         client.on_socket_close = self._socket_closed
         client.on_socket_register_write = self._want_write
         client.on_socket_unregister_write = self._no_write
-        self._client = client
-        self._sock: Any = None
-        self._flush_due = False
-        self._flushing = False
-        self._writer = False
-        self._reader = False
-        self._paused: Set[str] = set()   # why reading is paused; empty: reading
-        self._stopped = False
-        self._started = False
-        self._delay = 1.0
-        self._failures = 0
-        self._misc: Optional[Any] = None
-        self._received = 0   # messages delivered (an intake's), to tell when a read found one
+        self._configure(client)
+        return client
+
+    def _configure(self, client: "PahoClient") -> None:
+        """What a subclass sets on each client it gets (a new one after a fall-back to 3.1.1)."""
 
     # -- running (any thread) --------------------------------------------------------------------
 
@@ -159,7 +173,7 @@ class _Connection:
             if not self._started:
                 self._started = True
                 keepalive = max(5, int(self._hub.keepalive))
-                if self._hub.protocol == 5:
+                if self.v5:
                     properties = Properties(PacketTypes.CONNECT)
                     properties.SessionExpiryInterval = 0 if self._clean else self._expiry
                     client.connect_async(self._hub.host, self._hub.port, keepalive=keepalive,
@@ -181,7 +195,7 @@ class _Connection:
         """Connect again after the back-off (1 s doubling up to hub.interval)."""
         if self._stopped:
             return
-        delay, self._delay = self._delay, min(self._delay * 2, max(1.0, self._hub.reconnect_max))
+        delay, self._delay = self._delay, min(max(1.0, self._delay * 2), max(1.0, self._hub.reconnect_max))
         self._loop.call_later(delay, self._connect)
 
     def _keepalive(self) -> None:
@@ -285,6 +299,19 @@ class _Connection:
 
     def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
+            if reason.value == _UNSUPPORTED_PROTOCOL and self.v5 and self._hub.protocol == PROTOCOL_AUTO:
+                # A 3.1.1 broker: the next attempt (after the disconnect this failure brings)
+                # speaks 3.1.1, on a client made for it.
+                log.info("%s: broker %s does not speak MQTT 5: using MQTT 3.1.1 (hub.protocol: auto)",
+                         self.name, self._hub.address)
+                if getattr(self, "_topic", "").startswith("$share/"):
+                    log.warning("%s: a shared subscription under MQTT 3.1.1 has a session without expiry "
+                                "(README, \"Beyond one machine\")", self.name)
+                self.v5 = False
+                self._client = self._make_client()
+                self._started = False
+                self._delay = 0.0
+                return
             log.error("%s: broker %s refused the connection: %s", self.name, self._hub.address, reason)
             return
         self._delay, self._failures = 1.0, 0
@@ -309,12 +336,14 @@ class Intake(_Connection):
 
     def __init__(self, plane: DataPlane, hub: Hub, client_id: str, clean_session: bool, topic: str,
                  qos: int, on_message: OnMessage, name: str, session_expiry: Optional[int] = None) -> None:
-        super().__init__(plane, hub, client_id, clean_session, f"rule {name}", manual_ack=True,
-                         session_expiry=session_expiry)
         self._topic, self._qos = topic, qos
         self._on_message = on_message
-        self._client.on_message = self._message
-        self._client.on_subscribe = self._subscribed
+        super().__init__(plane, hub, client_id, clean_session, f"rule {name}", manual_ack=True,
+                         session_expiry=session_expiry)
+
+    def _configure(self, client: "PahoClient") -> None:
+        client.on_message = self._message
+        client.on_subscribe = self._subscribed
 
     def _on_connect(self, client: mqtt.Client, flags: Any, properties: Any) -> None:
         log.info("%s: connected to %s (session %s), subscribing to %s (QoS %d)", self.name,
@@ -382,19 +411,20 @@ class Publisher(_Connection):
             collections.deque()
         self._intakes: List[Intake] = []
         self._closing = False
-        self._client.max_inflight_messages_set(100)
-        self._client.max_queued_messages_set(self._hub.buffer_max)
-        self._client.on_publish = self._published
-        self._v5 = hub.protocol == 5
         self._acked = False               # the broker acknowledged a publish on this connection
         self._unacked_connections = 0     # connections in a row that ended with none acknowledged
         self._set_limit(hub.maxsize, "hub.maxsize" if hub.maxsize < PACKET_MAX else "MQTT's own limit")
+
+    def _configure(self, client: "PahoClient") -> None:
+        client.max_inflight_messages_set(100)
+        client.max_queued_messages_set(self._hub.buffer_max)
+        client.on_publish = self._published
 
     def _set_limit(self, limit: int, source: str) -> None:
         self.limit = limit
         self.limit_source = source
         self.room = limit - _PUBLISH_OVERHEAD
-        self.exact = self._v5 and limit < PACKET_MAX   # MQTT 5 properties count too
+        self.exact = self.v5 and limit < PACKET_MAX   # MQTT 5 properties count too
 
     def _disconnected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         # A broker that closes the connection on a publish over its max_packet_size (mosquitto,
@@ -479,7 +509,7 @@ class Publisher(_Connection):
         self._acked = True
         then = self._waiting.pop(mid, None)
         if then is not None:
-            then(reason if self._v5 and reason.is_failure else None)
+            then(reason if self.v5 and reason.is_failure else None)
             if self._backlog:
                 self._loop.call_soon(self._drain_backlog)
 

@@ -376,7 +376,7 @@ class Daemon:
         function = config.function(rule.function)
         if rule.to_nats:
             publisher = self.nats_publisher
-        if rule.shared and config.hub.protocol != 5:
+        if rule.shared and config.hub.protocol == 4:
             log.warning("rule %s: a shared subscription under MQTT 3.1.1 has a session without expiry: "
                         "if this daemon is lost for good, the broker may keep sending it the group's "
                         "messages and hold them there; set hub.protocol: 5 (README, \"Beyond one "

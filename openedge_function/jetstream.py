@@ -230,6 +230,7 @@ class NatsPublisher:
     stops: an outcome is never given up for a passing fault, and its input stays unacknowledged
     until then. The same face as broker.Publisher, for a rule."""
 
+    v5 = False          # no MQTT 5 properties on NATS
     limit = 1 << 30     # NATS's own max_payload is checked by the server
     limit_source = "the NATS server's max_payload"
     room = limit

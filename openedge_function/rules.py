@@ -4,11 +4,12 @@ The hot path is here and in the pool, all of it on the data plane's loop: no JSO
 runtime does that, on the instance's own core), no threads, no locks, the payload passed along as
 paho delivered it.
 
-MQTT 5 (`hub.protocol: 5`): a message with a response topic gets its outcome there, with its
-correlation data, instead of on the rule's `publish` (or `error`) topic; its user properties and
-content type reach the handler's context; every outcome says its content type and carries the user
-properties the handler set; a QoS 1 message that expires while it waits is acknowledged unrun; a
-response topic the rule does not answer on (replies.py) is answered with `ResponseRefused`, unrun.
+MQTT 5 (`hub.protocol: 5`, or `auto` with a broker that speaks it): a message with a response
+topic gets its outcome there, with its correlation data, instead of on the rule's `publish` (or
+`error`) topic; its user properties and content type reach the handler's context; every outcome
+says its content type and carries the user properties the handler set; a QoS 1 message that
+expires while it waits is acknowledged unrun; a response topic the rule does not answer on
+(replies.py) is answered with `ResponseRefused`, unrun.
 
 Every message ends in `_settle`: acknowledged to the broker (QoS 1) once its outcome is published,
 or left unacknowledged for the broker to deliver again when the outcome could not be published.
@@ -94,7 +95,6 @@ class RuleRunner:
         self.undeliverable = 0   # not even the envelope was taken: see _not_taken
         self.refused = 0   # MQTT 5 requests not run for their response topic (replies.py)
         self.poisoned = 0  # answered with PoisonMessage instead of run
-        self._v5 = hub.protocol == 5
 
     def use(self, function: Function, pool: Pool, replies: ReplyPolicy) -> None:
         """Send the next messages to `pool` (its function changed on reload), answer requests
@@ -153,7 +153,7 @@ class RuleRunner:
                     f"function {self.function.name} does not run it again"))
                 return
             invocation.slot = journal.add(digest)
-        if self._v5 and message.properties is not None:
+        if message.properties is not None:   # MQTT 5 (3.1.1 messages have none)
             self._request(invocation, message.properties)
             if invocation.reply is not None:
                 refusal = self.replies.refusal(invocation.reply[0])
@@ -271,22 +271,27 @@ class RuleRunner:
         """Publish an outcome to `target`; under MQTT 5 to the request's response topic instead,
         if it has one, with its correlation data, the outcome's content type and `users` (the
         user properties the handler set). `envelope`: the payload is an error's envelope."""
-        if not self._v5:   # without a response topic, the callers have a target
+        if not self.publisher.v5:   # without a response topic, the callers have a target
             self._send(invocation, target.topic, payload, min(invocation.qos, target.qos), None,  # type: ignore[union-attr]
                        envelope)
             return
-        properties = Properties(PacketTypes.PUBLISH)
-        properties.ContentType = content_type
-        for header in users or ():
-            properties.UserProperty = (header.name, header.value)
+        correlation = None
         if invocation.reply is not None:
             topic, correlation = invocation.reply
-            if correlation is not None:
-                properties.CorrelationData = correlation
             qos = min(invocation.qos, target.qos if target is not None else 1)
         else:
             assert target is not None
             topic, qos = target.topic, min(invocation.qos, target.qos)
+        properties: Properties
+        if users or correlation is not None:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.ContentType = content_type
+            for header in users or ():
+                properties.UserProperty = (header.name, header.value)
+            if correlation is not None:
+                properties.CorrelationData = correlation
+        else:   # the common case: the content type alone, made and packed once
+            properties = _CONTENT_TYPES.get(content_type) or _content_type(content_type)
         self._send(invocation, topic, payload, qos, properties, envelope)
 
     def _fail(self, invocation: Invocation, error: InvocationError, users: Any = None) -> None:
@@ -424,6 +429,30 @@ class RuleRunner:
         return {"received": self.received, "published": self.published, "failed": self.failed,
                 "dropped": self.dropped, "expired": self.expired, "undeliverable": self.undeliverable,
                 "refused": self.refused, "poisoned": self.poisoned, "pending": self.pending}
+
+
+class _ContentType(Properties):
+    """An outcome's PUBLISH properties when they are its content type alone: made and packed once
+    per content type (paho would make and pack them for each outcome)."""
+
+    def __init__(self, content_type: str) -> None:
+        super().__init__(PacketTypes.PUBLISH)
+        self.ContentType = content_type
+        object.__setattr__(self, "_packed", Properties.pack(self))
+
+    def pack(self) -> bytes:
+        return self._packed   # type: ignore[attr-defined, no-any-return]
+
+
+_CONTENT_TYPES: Dict[str, _ContentType] = {}
+_CONTENT_TYPES_MAX = 64   # handlers may set any: the first ones are kept
+
+
+def _content_type(content_type: str) -> Properties:
+    properties = _ContentType(content_type)
+    if len(_CONTENT_TYPES) < _CONTENT_TYPES_MAX:
+        _CONTENT_TYPES[content_type] = properties
+    return properties
 
 
 _TRACE_LINES = 30      # a handler's stack trace in the log: its last lines

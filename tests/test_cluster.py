@@ -146,6 +146,7 @@ def test_devices_speak_mqtt_to_the_cluster(tmp_path, cluster, broker):
     with open(daemon.config_path) as fh:
         config = yaml.safe_load(fh)
     config["rules"][0]["publish"] = {"topic": "seq/out", "qos": 1}
+    config["hub"]["protocol"] = "auto"
     with open(daemon.config_path, "w") as fh:
         yaml.safe_dump(config, fh)
     listener = Collector(mqtt_listener, ["seq/out"])
@@ -161,6 +162,8 @@ def test_devices_speak_mqtt_to_the_cluster(tmp_path, cluster, broker):
         wait_until(lambda: len({json.loads(m.payload)["seq"] for m in listener.on("seq/out")}) == 200, 60,
                    message="200 answers over MQTT")
         counts = {"sent": 200, "answered over MQTT": len({json.loads(m.payload)["seq"] for m in listener.on("seq/out")})}
+        # NATS speaks MQTT 3.1.1 only: hub.protocol: auto falls back to it.
+        assert "does not speak MQTT 5: using MQTT 3.1.1 (hub.protocol: auto)" in daemon.log()
     finally:
         listener.close()
         finish("NATS: devices speak MQTT to the cluster's listener", counts, [daemon])

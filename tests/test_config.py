@@ -360,6 +360,7 @@ def test_delivery_settings(tmp_path):
     assert rule.overflow == "drop" and rule.response_topics == ("reply/#", "+/answers")
     defaults = load(tmp_path, MINIMAL, "defaults.yml")
     assert defaults.hub.protocol == 4 and defaults.hub.session_expiry == 0xFFFFFFFF
+    assert load(tmp_path, "hub: {protocol: auto}\n" + textwrap.dedent(MINIMAL), "auto.yml").hub.protocol == 0
     # A shared subscription's session: the hub's when it sets one, its own when it says.
     assert rule.expiry(config.hub) == 7200 and defaults.rules[0].expiry(defaults.hub) == 0xFFFFFFFF
     assert defaults.hub.maxsize == 268435460   # MQTT's own bound on a packet
@@ -369,7 +370,7 @@ def test_delivery_settings(tmp_path):
 
 
 @pytest.mark.parametrize("text, field, words", [
-    ("hub: {protocol: 6}\n" + textwrap.dedent(MINIMAL), "hub.protocol", "not 3.1.1 or 5"),
+    ("hub: {protocol: 6}\n" + textwrap.dedent(MINIMAL), "hub.protocol", "not 3.1.1, 5 or auto"),
     ("hub: {sessionexpiry: soon}\n" + textwrap.dedent(MINIMAL), "hub.sessionexpiry", "not a duration"),
     ("hub: {buffer: {max: 0}}\n" + textwrap.dedent(MINIMAL), "hub.buffer.max", "below the lower bound 1"),
     ("hub: {maxsize: 512}\n" + textwrap.dedent(MINIMAL), "hub.maxsize", "not between 1k and 256m"),

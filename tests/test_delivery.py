@@ -141,7 +141,8 @@ def test_a_shared_subscription_session_expires_as_the_rule_says(broker, daemon_f
 
 def test_a_shared_subscription_under_mqtt_3_is_warned_of(broker, daemon_factory):
     daemon = daemon_factory([function("who", "tools.version")], [rule("shared", "$share/g/in", "who", "out")],
-                            files={"fn/tools.py": TOOLS})
+                            files={"fn/tools.py": TOOLS},
+                            hub={"address": broker.address, "clientid": "oef-v3", "protocol": "3.1.1"})
     assert "rule shared: a shared subscription under MQTT 3.1.1 has a session without expiry" in daemon.log()
 
 

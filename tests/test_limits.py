@@ -252,7 +252,8 @@ def test_mqtt311_a_broker_that_disconnects_on_size_is_named_in_the_log(broker, d
     the log names the likely cause; hub.maxsize then answers with ResultTooLarge."""
     daemon = daemon_factory(
         [function("big", "sizes.big")], [rule("r-big", "big/in", "big", "big/out")],
-        files={"fn/sizes.py": SIZES}, hub={"address": broker.address, "clientid": "oef-v3", "interval": "1s"})
+        files={"fn/sizes.py": SIZES},
+        hub={"address": broker.address, "clientid": "oef-v3", "interval": "1s", "protocol": "3.1.1"})
     publish(broker, "big/in", b'{"n": 1}')
     wait_until(lambda: "with a publish of 2000" in daemon.log(), 20, message="the hint in the log")
     assert "set hub.maxsize to its limit" in daemon.log()

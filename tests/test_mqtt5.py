@@ -70,3 +70,20 @@ def test_mqtt5_request_response_with_correlation_properties_and_expiry(broker, d
         assert "acknowledged, not run" in daemon.log()
     finally:
         client.close()
+
+
+def test_protocol_auto_speaks_mqtt5_with_a_broker_that_does(broker, daemon_factory):
+    """hub.protocol: auto is MQTT 5 with mosquitto (and 3.1.1 with a broker that refuses 5:
+    tests/test_cluster.py, NATS's MQTT listener)."""
+    daemon = daemon_factory([function("f", "h.handler")], [rule("r", "req", "f", "default/out")],
+                            files={"fn/h.py": REPLIER},
+                            hub={"address": broker.address, "clientid": "oef-auto", "protocol": "auto"})
+    client = V5Client(broker, ["my/resp"])
+    try:
+        client.request("req", b'{"n": 7}', ResponseTopic="my/resp", CorrelationData=b"c")
+        wait_until(lambda: client.on("my/resp"), 20, message="the answer on the response topic")
+        answer = client.on("my/resp")[0]
+        assert json.loads(answer.payload)["n"] == 7 and answer.properties.CorrelationData == b"c"
+    finally:
+        client.close()
+    assert "does not speak MQTT 5" not in daemon.log()

@@ -192,14 +192,19 @@ def packet_size(value: Any) -> int:
     return size
 
 
+PROTOCOL_AUTO = 0   # MQTT 5, and 3.1.1 with a broker that refuses it
+
+
 def protocol(value: Any) -> int:
-    """MQTT's protocol level: 4 for 3.1.1, 5 for 5."""
+    """MQTT's protocol level: 4 for 3.1.1, 5 for 5, PROTOCOL_AUTO for auto."""
     text = string(value).strip().lower().lstrip("v")
     if text in ("3.1.1", "311", "4"):
         return 4
     if text in ("5", "5.0"):
         return 5
-    raise ValueError(f"{value!r} is not 3.1.1 or 5")
+    if text == "auto":
+        return PROTOCOL_AUTO
+    raise ValueError(f"{value!r} is not 3.1.1, 5 or auto")
 
 
 def session_expiry(value: Any) -> int:

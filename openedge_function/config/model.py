@@ -66,7 +66,9 @@ class Hub:
     keepalive: float = setting("keepalive", 60.0, duration)
     connect_timeout: float = setting("timeout", 30.0, duration)
     reconnect_max: float = setting("interval", 60.0, duration)
-    protocol: int = setting("protocol", 4, protocol)      # 4: MQTT 3.1.1, 5: MQTT 5
+    # 4: MQTT 3.1.1, 5: MQTT 5, PROTOCOL_AUTO: 5, and 3.1.1 with a broker that refuses it. 3.1.1
+    # stays the default while MQTT 5 costs the supervisor more per message (README, Delivery).
+    protocol: int = setting("protocol", 4, protocol)
     session_expiry: int = setting("sessionexpiry", SESSION_NEVER_EXPIRES, session_expiry)  # s, MQTT 5
     buffer_max: int = setting("buffer.max", 1000, bounded_int(1, None))   # QoS 1 outcomes held while
     #   the broker is away
