@@ -304,9 +304,6 @@ class _Connection:
                 # speaks 3.1.1, on a client made for it.
                 log.info("%s: broker %s does not speak MQTT 5: using MQTT 3.1.1 (hub.protocol: auto)",
                          self.name, self._hub.address)
-                if getattr(self, "_topic", "").startswith("$share/"):
-                    log.warning("%s: a shared subscription under MQTT 3.1.1 has a session without expiry "
-                                "(README, \"Beyond one machine\")", self.name)
                 self.v5 = False
                 self._client = self._make_client()
                 self._started = False
@@ -338,6 +335,7 @@ class Intake(_Connection):
                  qos: int, on_message: OnMessage, name: str, session_expiry: Optional[int] = None) -> None:
         self._topic, self._qos = topic, qos
         self._on_message = on_message
+        self._warned = False
         super().__init__(plane, hub, client_id, clean_session, f"rule {name}", manual_ack=True,
                          session_expiry=session_expiry)
 
@@ -349,6 +347,12 @@ class Intake(_Connection):
         log.info("%s: connected to %s (session %s), subscribing to %s (QoS %d)", self.name,
                  self._hub.address, "resumed" if flags.session_present else "new", self._topic, self._qos)
         client.subscribe(self._topic, self._qos)
+        if not self.v5 and self._topic.startswith("$share/") and not self._warned:
+            self._warned = True   # configured 3.1.1, or auto with a 3.1.1 broker: said once
+            log.warning("%s: a shared subscription under MQTT 3.1.1 has a session without expiry: if "
+                        "this daemon is lost for good, the broker may keep sending it the group's "
+                        "messages and hold them there; set hub.protocol: 5 (README, \"Beyond one "
+                        "machine\")", self.name)
 
     def _subscribed(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
         for reason in reasons:

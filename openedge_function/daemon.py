@@ -376,11 +376,6 @@ class Daemon:
         function = config.function(rule.function)
         if rule.to_nats:
             publisher = self.nats_publisher
-        if rule.shared and config.hub.protocol == 4:
-            log.warning("rule %s: a shared subscription under MQTT 3.1.1 has a session without expiry: "
-                        "if this daemon is lost for good, the broker may keep sending it the group's "
-                        "messages and hold them there; set hub.protocol: 5 (README, \"Beyond one "
-                        "machine\")", rule.name)
         return RuleRunner(self.plane, rule, config.hub, function, pools[function.name], publisher,
                           _replies(rule, config), self._journal, config.nats)
 
