@@ -261,11 +261,11 @@ class Pool:
         self._backoff = _BACKOFF_FIRST
         self._warm = 0
         self._first(None)
-        if not self.on_last_good:
+        if not self.on_last_good:   # the function's own code loads (again)
             self.code_error = None
-        if self.on_loaded is not None and not self.on_last_good:
             on_loaded, self.on_loaded = self.on_loaded, None
-            on_loaded(worker.instance)
+            if on_loaded is not None:
+                on_loaded(worker.instance)
         return self.next_batch(worker)
 
     def _first(self, error: Optional[InvocationError]) -> None:

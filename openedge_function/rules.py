@@ -145,12 +145,7 @@ class RuleRunner:
         if qos and journal is not None:
             digest = key(self.rule.name, message.topic, payload)
             if journal.poison and journal.poisoned(digest):
-                log.error("rule %s: the message on %s (request %s) was in flight at each of the last "
-                          "%d crashes of the daemon: answered with PoisonMessage, not run",
-                          self.rule.name, message.topic, invocation.request_id, CRASHES)
-                self._fail(invocation, PoisonMessage(
-                    f"this message was in flight at each of the last {CRASHES} crashes of the daemon; "
-                    f"function {self.function.name} does not run it again"))
+                self._poison(invocation, f"was in flight at each of the last {CRASHES} crashes of the daemon")
                 return
             invocation.slot = journal.add(digest)
         if message.properties is not None:   # MQTT 5 (3.1.1 messages have none)
@@ -176,15 +171,17 @@ class RuleRunner:
         self.received += 1
         invocation = Invocation(new_request_id(), message.topic, 1, message.payload, int(time.time() * 1000),
                                 message.mid, self._done, self._abandon,
-                                Delivery(False, True, self.intake.generation))
+                                Delivery(message.retain, message.dup, self.intake.generation))
         self.pending += 1
-        log.error("rule %s: the message on %s (request %s) was delivered %d times without an outcome: "
-                  "answered with PoisonMessage, not run", self.rule.name, message.topic,
-                  invocation.request_id, message.deliveries)
-        self._fail(invocation, PoisonMessage(
-            f"this message was delivered {message.deliveries} times without an outcome (subscribe."
-            f"maxdeliver: {self.rule.subscribe.max_deliver}); function {self.function.name} does not "
-            "run it again"))
+        self._poison(invocation, f"was delivered {message.deliveries} times without an outcome",
+                     f" (subscribe.maxdeliver: {self.rule.subscribe.max_deliver})")
+
+    def _poison(self, invocation: Invocation, why: str, detail: str = "") -> None:
+        """Answer with PoisonMessage, not run: the message `why` (and the envelope says `detail`)."""
+        log.error("rule %s: the message on %s (request %s) %s: answered with PoisonMessage, not run",
+                  self.rule.name, invocation.topic, invocation.request_id, why)
+        self._fail(invocation, PoisonMessage(f"this message {why}{detail}; function {self.function.name} "
+                                             "does not run it again"))
 
     @staticmethod
     def _request(invocation: Invocation, properties: Properties) -> None:
