@@ -52,6 +52,38 @@ def consumer_name(subscription: Subscription, rule_id: Optional[str]) -> str:
     return subscription.consumer or f"openedge-function-{rule_id}"
 
 
+async def connect(settings: Nats, suffix: str, who: str, connected: threading.Event,
+                  stopping: Callable[[], bool]) -> Any:
+    """A nats-py connection named `settings.name` + `suffix`, for `who` (as the log names it):
+    tried every second until it is made, reconnecting for ever once it is; `connected` follows
+    it. None when `stopping()` says so first."""
+    import nats
+
+    async def disconnected() -> None:
+        connected.clear()
+        log.warning("%s: lost the NATS server; reconnecting", who)
+
+    async def reconnected() -> None:
+        connected.set()
+        log.info("%s: reconnected to %s", who, client.connected_url.netloc)
+
+    async def error(exc: Exception) -> None:
+        log.debug("%s: NATS: %s", who, exc)
+
+    client = None
+    while client is None and not stopping():
+        try:
+            client = await nats.connect(
+                list(settings.servers), name=settings.name + suffix, user=settings.user,
+                password=settings.password, token=settings.token, max_reconnect_attempts=-1,
+                reconnect_time_wait=1, connect_timeout=3, disconnected_cb=disconnected,
+                reconnected_cb=reconnected, error_cb=error, allow_reconnect=True)
+        except Exception as exc:
+            log.warning("%s: cannot reach NATS at %s (%s); trying again", who, ", ".join(settings.servers), exc)
+            await asyncio.sleep(1.0)
+    return client
+
+
 class JetStreamIntake:
     """A rule's pull consumer of a stream, run on the data plane's loop."""
 
@@ -125,32 +157,9 @@ class JetStreamIntake:
             log.warning("%s: cannot acknowledge a message (%s); it will be delivered again", self.name, exc)
 
     async def _run(self) -> None:
-        import nats
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-        settings, subscription = self._nats, self._subscription
-
-        async def disconnected() -> None:
-            self.connected.clear()
-            log.warning("%s: lost the NATS server; reconnecting", self.name)
-
-        async def reconnected() -> None:
-            self.connected.set()
-            log.info("%s: reconnected to %s", self.name, self._client.connected_url.netloc)
-
-        async def error(exc: Exception) -> None:
-            log.debug("%s: NATS: %s", self.name, exc)
-
-        while self._client is None:
-            try:
-                self._client = await nats.connect(
-                    list(settings.servers), name=settings.name, user=settings.user,
-                    password=settings.password, token=settings.token, max_reconnect_attempts=-1,
-                    reconnect_time_wait=1, connect_timeout=3, disconnected_cb=disconnected,
-                    reconnected_cb=reconnected, error_cb=error, allow_reconnect=True)
-            except Exception as exc:
-                log.warning("%s: cannot reach NATS at %s (%s); trying again", self.name,
-                            ", ".join(settings.servers), exc)
-                await asyncio.sleep(1.0)
+        subscription = self._subscription
+        self._client = await connect(self._nats, "", self.name, self.connected, lambda: False)
         stream = self._client.jetstream()
         config = ConsumerConfig(durable_name=self._consumer, ack_policy=AckPolicy.EXPLICIT,
                                 deliver_policy=DeliverPolicy.ALL, ack_wait=subscription.ack_wait,
@@ -177,13 +186,11 @@ class JetStreamIntake:
                 continue
             try:
                 batch = await pull.fetch(BATCH, timeout=_PULL_WAIT)
-            except asyncio.TimeoutError:
+            except asyncio.TimeoutError:   # nats-py's timeouts are asyncio's too
                 continue
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if not getattr(exc, "description", None) and "timeout" in type(exc).__name__.lower():
-                    continue
                 log.debug("%s: pull: %s", self.name, exc)
                 await asyncio.sleep(0.2)
                 continue
@@ -259,28 +266,8 @@ class NatsPublisher:
         self._plane.spawn(self._connect())
 
     async def _connect(self) -> None:
-        import nats
-        settings = self._nats
-
-        async def disconnected() -> None:
-            self.connected.clear()
-
-        async def reconnected() -> None:
-            self.connected.set()
-
-        async def error(exc: Exception) -> None:
-            log.debug("NATS publisher: %s", exc)
-
-        while self._client is None and not self._closing:
-            try:
-                self._client = await nats.connect(
-                    list(settings.servers), name=f"{settings.name}-publisher", user=settings.user,
-                    password=settings.password, token=settings.token, max_reconnect_attempts=-1,
-                    reconnect_time_wait=1, connect_timeout=3, disconnected_cb=disconnected,
-                    reconnected_cb=reconnected, error_cb=error, allow_reconnect=True)
-            except Exception as exc:
-                log.warning("NATS publisher: cannot reach %s (%s); trying again", ", ".join(settings.servers), exc)
-                await asyncio.sleep(1.0)
+        self._client = await connect(self._nats, "-publisher", "NATS publisher", self.connected,
+                                     lambda: self._closing)
         if self._client is None:
             return
         self._stream = self._client.jetstream()
