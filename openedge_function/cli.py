@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 
@@ -163,11 +163,12 @@ def _ways(args: argparse.Namespace) -> "tuple[List[tuple[str, Client]], str]":
         address = args.address or os.environ[ADDRESS_ENV]
         return [(f"HTTP server {address}", Client(address=address, token=args.token))], f"--address {address}"
     path = args.config or default_config()
+    data = _sections_of(path)
     ways = []
     # A token is the HTTP server's: given one, the command asks the server.
-    for socket_path in [args.socket] if args.socket else [] if args.token is not None else _sockets_of(path):
+    for socket_path in [args.socket] if args.socket else [] if args.token is not None else _sockets_in(data, path):
         ways.append((f"control socket {socket_path}", Client(address="unix:" + socket_path, token="")))
-    address, configured_token = _server_of(path)
+    address, configured_token = _server_in(data, path)
     if address is not None:
         token = args.token if args.token is not None or os.environ.get(TOKEN_ENV) else configured_token
         ways.append((f"HTTP server {address}", Client(address=address, token=token)))
@@ -179,18 +180,25 @@ def _ways(args: argparse.Namespace) -> "tuple[List[tuple[str, Client]], str]":
     return ways, looked
 
 
-def _sockets_of(path: str) -> List[str]:
-    """The control sockets the daemon of the configuration at `path` may listen on."""
+def _sections_of(path: str) -> Dict[str, Any]:
+    """The top-level sections of the configuration file at `path` ({} when it cannot be read)."""
     try:
         with open(path, "rb") as fh:
             data = yaml.safe_load(fh)
-        section = data.get("control") if isinstance(data, dict) else None
-        if section:
-            configured = parse_control(section, path).socket
-            if configured:
-                return [configured]
-    except (OSError, yaml.YAMLError, ConfigError):
-        pass
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _sockets_in(data: Dict[str, Any], path: str) -> List[str]:
+    """The control sockets the daemon of the configuration `data` (read from `path`) may listen on."""
+    if data.get("control"):
+        try:
+            configured = parse_control(data["control"], path).socket
+        except ConfigError:
+            configured = ""
+        if configured:
+            return [configured]
     return control_sockets(path)
 
 
@@ -256,14 +264,16 @@ def _invoke(args: argparse.Namespace, client: Client) -> int:
 def _server_of(path: str) -> "tuple[Optional[str], Optional[str]]":
     """The address and token of the server a configuration file sets up, as a client on this
     machine reaches it; (None, None) when it has none or it cannot be read."""
+    return _server_in(_sections_of(path), path)
+
+
+def _server_in(data: Dict[str, Any], path: str) -> "tuple[Optional[str], Optional[str]]":
+    """_server_of, of the sections already read."""
+    if data.get("server") is None:
+        return None, None
     try:
-        with open(path, "rb") as fh:
-            data = yaml.safe_load(fh)
-        section = data.get("server") if isinstance(data, dict) else None
-        if section is None:
-            return None, None
-        server = parse_server(section, path)
-    except (OSError, yaml.YAMLError, ConfigError):
+        server = parse_server(data["server"], path)
+    except ConfigError:
         return None, None
     host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host   # everywhere: loopback too
     address = f"[{host}]:{server.port}" if ":" in host else f"{host}:{server.port}"

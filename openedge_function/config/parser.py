@@ -276,11 +276,7 @@ def _parse_top(problems: Problems, data: Any, file: str, workdir: str) -> Option
 
 def parse_control(data: Any, file: str) -> Control:
     """The `control:` section alone (what the CLI needs to find the daemon). Raises ConfigError."""
-    problems = Problems()
-    control = problems.each(_parse_control, Reader.of(problems, file, "control", data or {}, Control))
-    problems.raise_found()
-    assert control is not None
-    return control
+    return _parse_alone(_parse_control, data or {}, file, "control", Control)
 
 
 def _parse_control(r: Reader) -> Control:
@@ -323,11 +319,16 @@ def _parse_hub(r: Reader, workdir: str) -> Hub:
 def parse_server(data: Any, file: str) -> Server:
     """The `server:` section alone (what a client of the daemon needs of a configuration).
     Raises ConfigError naming the field."""
+    return _parse_alone(_parse_server, data, file, "server", Server)
+
+
+def _parse_alone(parse: Callable[[Reader], T], data: Any, file: str, key: str, model: type) -> T:
+    """One section read on its own, with `parse`; raises ConfigError naming the field."""
     problems = Problems()
-    server = problems.each(_parse_server, Reader.of(problems, file, "server", data, Server))
+    section = problems.each(parse, Reader.of(problems, file, key, data, model))
     problems.raise_found()
-    assert server is not None
-    return server
+    assert section is not None
+    return section
 
 
 def _parse_server(r: Reader) -> Server:
