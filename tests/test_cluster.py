@@ -53,6 +53,17 @@ def gateway(tmp_path, cluster: NatsCluster, broker: Any, name: str, servers: Lis
     return DaemonProcess(str(directory), config)
 
 
+def case(name: str, cluster: NatsCluster, daemons: List[DaemonProcess], count: int, rate: float,
+         faults: List[Any]) -> dict:
+    """run_stream_case, recorded under `name`, the daemons stopped afterwards whatever happened."""
+    counts: dict = {}
+    try:
+        counts = run_stream_case(cluster, daemons, count, rate, faults)
+    finally:
+        finish(name, counts, daemons)
+    return counts
+
+
 def finish(name: str, counts: dict, daemons: List[DaemonProcess]) -> None:
     REPORT[name] = {key: value for key, value in counts.items() if key != "pids"}
     print(f"\n{name}: {counts}")
@@ -73,11 +84,8 @@ def test_two_gateways_share_a_stream_and_one_lost_for_good_loses_nothing(tmp_pat
         lost.signal(signal.SIGKILL)
         lost.wait(10)
 
-    counts: dict = {}
-    try:
-        counts = run_stream_case(cluster, gateways, 1000, 400, [(1.0, kill_for_good)])
-    finally:
-        finish("NATS: two gateways on one stream, one SIGKILLed for good", counts, gateways)
+    counts = case("NATS: two gateways on one stream, one SIGKILLed for good", cluster, gateways, 1000, 400,
+                  [(1.0, kill_for_good)])
     assert counts["lost"] == 0, counts
     assert set(counts["pids"]) & lost.seen_pids, "the lost gateway had answered some before it died"
     assert set(counts["pids"]) - lost.seen_pids, "the other gateway answered the rest"
@@ -92,21 +100,14 @@ def test_a_nats_node_killed_and_restarted_mid_load_loses_nothing(tmp_path, clust
         time.sleep(2.0)
         node.start()
 
-    counts: dict = {}
-    try:
-        counts = run_stream_case(cluster, gateways, 1000, 400, [(1.0, kill_a_node)])
-    finally:
-        finish("NATS: a cluster node SIGKILLed and restarted mid-load", counts, gateways)
+    counts = case("NATS: a cluster node SIGKILLed and restarted mid-load", cluster, gateways, 1000, 400,
+                  [(1.0, kill_a_node)])
     assert counts["lost"] == 0, counts
 
 
 def test_a_message_delivered_too_often_is_a_poison_message(tmp_path, cluster, broker):
     daemon = gateway(tmp_path, cluster, broker, "a", stuck=7, maxdeliver=2, ackwait="1s")
-    counts: dict = {}
-    try:
-        counts = run_stream_case(cluster, [daemon], 20, 20, [])
-    finally:
-        finish("NATS: a message that outlives its ack wait, every time", counts, [daemon])
+    counts = case("NATS: a message that outlives its ack wait, every time", cluster, [daemon], 20, 20, [])
     assert counts["lost"] == 0
     log = daemon.log()
     assert "was delivered 3 times without an outcome: answered with PoisonMessage" in log, log[-3000:]
@@ -125,11 +126,10 @@ def test_a_gateway_cut_off_longer_than_the_ack_wait_loses_nothing(tmp_path, clus
         for link in links:
             link.restore()
 
-    counts: dict = {}
     try:
-        counts = run_stream_case(cluster, [cut_off, other], 1000, 400, [(1.0, cut_then_restore)])
+        counts = case("NATS: a gateway's link cut for 5 s (ack wait 2 s), then restored", cluster,
+                      [cut_off, other], 1000, 400, [(1.0, cut_then_restore)])
     finally:
-        finish("NATS: a gateway's link cut for 5 s (ack wait 2 s), then restored", counts, [cut_off, other])
         for link in links:
             link.close()
     assert counts["lost"] == 0, counts

@@ -119,7 +119,8 @@ class ControlSocket:
         self._server.shutdown()
         self._server.server_close()
         try:
-            if os.stat(self.path).st_ino == self._inode and stat.S_ISSOCK(os.stat(self.path).st_mode):
+            st = os.stat(self.path)
+            if st.st_ino == self._inode and stat.S_ISSOCK(st.st_mode):
                 os.unlink(self.path)   # ours still, not a later daemon's
         except OSError:
             pass
