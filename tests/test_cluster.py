@@ -167,3 +167,50 @@ def test_devices_speak_mqtt_to_the_cluster(tmp_path, cluster, broker):
     finally:
         listener.close()
         finish("NATS: devices speak MQTT to the cluster's listener", counts, [daemon])
+
+
+def test_a_stream_message_over_the_limit_is_answered_once_beside_those_that_fit(tmp_path, cluster, broker):
+    """What a publisher puts in the stream is hostile input: a message over the function's
+    message.length.max gets a MessageTooLarge envelope and is acknowledged (not delivered again
+    after the ack wait, not run), while the messages beside it are answered."""
+    import asyncio
+    daemon = gateway(tmp_path, cluster, broker, "a")
+    with open(daemon.config_path) as fh:
+        config = yaml.safe_load(fh)
+    config["functions"][0]["instance"]["message"] = {"length": {"max": "1k"}}
+    with open(daemon.config_path, "w") as fh:
+        yaml.safe_dump(config, fh)
+
+    async def exchange() -> List[dict]:
+        import nats
+        client = await nats.connect(cluster.servers)
+        stream = client.jetstream()
+        for seq in range(3):
+            await stream.publish("seq.in", json.dumps({"seq": seq}).encode())
+        await stream.publish("seq.in", json.dumps({"seq": 99, "pad": "x" * 4000}).encode())
+        pull = await stream.pull_subscribe("seq.out", durable="hostile", stream="OUT")
+        answers: List[dict] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(answers) < 4:
+            try:
+                answers += [json.loads(m.data) for m in await pull.fetch(10, timeout=1)]
+            except asyncio.TimeoutError:
+                pass
+        await asyncio.sleep(4)   # twice the ack wait: anything delivered again would be answered again
+        try:
+            answers += [json.loads(m.data) for m in await pull.fetch(10, timeout=1)]
+        except asyncio.TimeoutError:
+            pass
+        await client.close()
+        return answers
+
+    try:
+        daemon.start(wait=False)
+        wait_until(lambda: "as consumer" in daemon.log(), 30, message="the gateway to read the stream")
+        answers = asyncio.run(exchange())
+    finally:
+        finish("NATS: a message over the limit beside three that fit", {}, [daemon])
+    results = sorted(a["seq"] for a in answers if "seq" in a)
+    envelopes = [a for a in answers if "errorType" in a]
+    assert results == [0, 1, 2], answers
+    assert len(envelopes) == 1 and envelopes[0]["errorType"] == "MessageTooLarge", envelopes
