@@ -477,3 +477,12 @@ def test_a_rule_may_read_a_jetstream_stream_and_publish_to_nats(tmp_path):
 def test_stream_rule_errors(tmp_path, change, field, words):
     error = error_of(tmp_path, change(textwrap.dedent(STREAM_RULE)))
     assert error.field == field and words in error.message, str(error)
+
+
+def test_a_stream_rule_without_nats_py_installed_says_how_to_get_it(tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nats" else real(name, *a))
+    error = error_of(tmp_path, textwrap.dedent(STREAM_RULE))
+    assert error.field == "nats" and "pip install 'openedge-function[nats]'" in error.message, str(error)
+    load(tmp_path, MINIMAL, "plain.yml")   # a configuration without NATS does not need it
