@@ -87,3 +87,47 @@ def test_protocol_auto_speaks_mqtt5_with_a_broker_that_does(broker, daemon_facto
     finally:
         client.close()
     assert "does not speak MQTT 5" not in daemon.log()
+
+
+def test_packets_decode_as_paho_decodes_them_with_the_tables_shared():
+    """The daemon has paho build its Properties and ReasonCodes on tables shared by all: what a
+    packet decodes to is what paho's own classes give, and using them leaves the tables as built."""
+    import struct
+
+    import paho.mqtt._packet as paho_packet
+    from paho.mqtt.enums import MQTTProtocolVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties as PahoProperties
+    from paho.mqtt.reasoncodes import ReasonCode as PahoReasonCode
+
+    import openedge_function.broker  # noqa: F401  (installs the shared tables)
+
+    assert paho_packet.Properties is not PahoProperties and paho_packet.ReasonCode is not PahoReasonCode
+    names_before = dict(PahoProperties(PacketTypes.PUBLISH).names)
+
+    sent = PahoProperties(PacketTypes.PUBLISH)
+    sent.ContentType, sent.ResponseTopic, sent.CorrelationData = "application/json", "re/ply", b"\x01\x02"
+    sent.UserProperty = [("a", "1"), ("b", "2")]
+    sent.MessageExpiryInterval = 30
+    topic, payload = b"in/x", b'{"n": 1}'
+    for props in (sent.pack(), b"\x00"):
+        packet = struct.pack("!H", len(topic)) + topic + struct.pack("!H", 7) + props + payload
+        decoded = paho_packet.decode_publish(0x32, packet, MQTTProtocolVersion.MQTTv5)
+        expected = PahoProperties(PacketTypes.PUBLISH)
+        expected.unpack(props)
+        assert isinstance(decoded.properties, PahoProperties)
+        assert decoded.properties.json() == expected.json() and str(decoded.properties) == str(expected)
+        assert (decoded.mid, decoded.topic, decoded.payload) == (7, topic, payload)
+        assert decoded.properties.pack() == props
+
+    plain = paho_packet.decode_puback(0x40, b"\x00\x09", MQTTProtocolVersion.MQTTv311)
+    assert (plain.mid, plain.reason.value, repr(plain.reason)) == (9, 0, "ReasonCode(Puback, 'Success')")
+    assert plain.properties.isEmpty()
+    refused = paho_packet.decode_puback(0x40, b"\x00\x0a\x97\x00", MQTTProtocolVersion.MQTTv5)
+    assert refused.reason.is_failure and str(refused.reason) == "Quota exceeded"
+    assert refused.reason == PahoReasonCode(PacketTypes.PUBACK, "Quota exceeded")
+    assert str(paho_packet.ReasonCode(PacketTypes.DISCONNECT)) == "Normal disconnection"
+    assert str(paho_packet.ReasonCode(PacketTypes.SUBACK, "Granted QoS 1")) == "Granted QoS 1"
+    assert paho_packet.ReasonCode(PacketTypes.SUBACK, "Granted QoS 1").value == 1
+    assert dict(PahoProperties(PacketTypes.PUBLISH).names) == names_before
+    assert paho_packet.Properties(PacketTypes.PUBLISH).names == names_before
