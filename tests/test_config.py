@@ -359,7 +359,7 @@ def test_delivery_settings(tmp_path):
     assert rule.retry_max == 2 and rule.ordered and rule.subscribe.topic == "$share/g/t"
     assert rule.overflow == "drop" and rule.response_topics == ("reply/#", "+/answers")
     defaults = load(tmp_path, MINIMAL, "defaults.yml")
-    assert defaults.hub.protocol == 4 and defaults.hub.session_expiry == 0xFFFFFFFF
+    assert defaults.hub.protocol == 0 and defaults.hub.session_expiry == 0xFFFFFFFF   # auto
     assert load(tmp_path, "hub: {protocol: auto}\n" + textwrap.dedent(MINIMAL), "auto.yml").hub.protocol == 0
     # A shared subscription's session: the hub's when it sets one, its own when it says.
     assert rule.expiry(config.hub) == 7200 and defaults.rules[0].expiry(defaults.hub) == 0xFFFFFFFF

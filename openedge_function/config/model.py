@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Tuple
 
-from .converters import (PACKET_MAX, SESSION_NEVER_EXPIRES, above_zero, account, boolean, bounded_int,
-                         byte_size, cpu_list, duration, entry_point, function_name, log_level, memory_limit,
-                         nonempty_string, one_of, packet_size, positive_float, protocol, qos,
+from .converters import (PACKET_MAX, PROTOCOL_AUTO, SESSION_NEVER_EXPIRES, above_zero, account, boolean,
+                         bounded_int, byte_size, cpu_list, duration, entry_point, function_name, log_level,
+                         memory_limit, nonempty_string, one_of, packet_size, positive_float, protocol, qos,
                          response_filters, session_expiry, string, topic_filter, topic_name)
 
 __all__ = [
@@ -66,9 +66,9 @@ class Hub:
     keepalive: float = setting("keepalive", 60.0, duration)
     connect_timeout: float = setting("timeout", 30.0, duration)
     reconnect_max: float = setting("interval", 60.0, duration)
-    # 4: MQTT 3.1.1, 5: MQTT 5, PROTOCOL_AUTO: 5, and 3.1.1 with a broker that refuses it. 3.1.1
-    # stays the default while MQTT 5 costs the supervisor more per message (README, Delivery).
-    protocol: int = setting("protocol", 4, protocol)
+    # 4: MQTT 3.1.1, 5: MQTT 5, PROTOCOL_AUTO (the default): 5, and 3.1.1 with a broker that
+    # refuses it. MQTT 5 is where the broker's refusals, limits and session expiry are seen.
+    protocol: int = setting("protocol", PROTOCOL_AUTO, protocol)
     session_expiry: int = setting("sessionexpiry", SESSION_NEVER_EXPIRES, session_expiry)  # s, MQTT 5
     buffer_max: int = setting("buffer.max", 1000, bounded_int(1, None))   # QoS 1 outcomes held while
     #   the broker is away
