@@ -296,9 +296,10 @@ class StreamLedger(_Background):
 
 
 def run_stream_case(cluster: NatsCluster, daemons: List[Any], count: int, rate: float,
-                    faults: List["tuple[float, Callable[[], None]]"], timeout: float = 120) -> dict:
+                    faults: List["tuple[Any, Callable[[], None]]"], timeout: float = 120) -> dict:
     """Feed `count` numbered messages into SEQ, apply `faults` on the way, wait for every answer
-    in OUT; the counts."""
+    in OUT; the counts. A fault comes at a time after the feed began (seconds), or once a
+    condition on the answers so far holds (a callable given the pids that answered and how often)."""
     ledger = StreamLedger(cluster.servers, "OUT", "seq.out")
     ledger.start()
     assert ledger.ready.wait(30) and ledger.failure is None, ledger.failure
@@ -311,7 +312,10 @@ def run_stream_case(cluster: NatsCluster, daemons: List[Any], count: int, rate: 
         started = time.monotonic()
         feeder.start()
         for at, action in faults:
-            time.sleep(max(0.0, started + at - time.monotonic()))
+            if callable(at):
+                wait_until(lambda: at(dict(ledger.pids)), timeout, message=f"the moment for {action.__name__}")
+            else:
+                time.sleep(max(0.0, started + at - time.monotonic()))
             action()
         assert feeder.done.wait(timeout), f"the feeder could not publish everything ({feeder.failure})"
         wait_until(lambda: len(ledger.counts(count)) and ledger.counts(count)["lost"] == 0, timeout,
