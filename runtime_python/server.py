@@ -288,25 +288,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return load_failed(status, exc)
 
     try:
-        server = serve(Runtime(args, spec, handler, budget), args.socket)
+        return serve(Runtime(args, spec, handler, budget), args.socket,
+                     lambda: report(status, {READY: os.getpid(), "tmp": confine_module.tmp_status}))
     except ImportError as exc:   # a pinned protobuf or grpcio the runtime cannot work with
         return load_failed(status, LoadError(
             f"the runtime cannot import what it needs under {sys.executable}: {exc}", []))
-    report(status, {READY: os.getpid(), "tmp": confine_module.tmp_status})
-
-    stopping = threading.Event()
-
-    def on_term(signum: int, frame: Any) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    while not stopping.wait(3600):
-        pass
-    # Let a call in progress finish; the supervisor escalates to SIGKILL if it takes too long.
-    server.stop(grace=None).wait()
-    flush_output()
-    return 0
 
 
 # What the runtime itself imports, by distribution name: an interpreter given as `python:` needs them.
@@ -329,42 +315,75 @@ def needs_runtime_packages() -> None:
                         f"install them into it ({sys.executable} -m pip install {' '.join(missing)})", [])
 
 
-def serve(runtime: Runtime, path: str) -> Any:
-    """Start the gRPC server on the Unix socket `path`."""
-    from concurrent import futures
+def serve(runtime: Runtime, path: str, on_ready: Callable[[], None]) -> int:
+    """Serve gRPC on the Unix socket `path` until SIGTERM or SIGINT; 0.
 
-    import grpc
+    The server runs on an event loop (grpc.aio) in the main thread, and the handler runs on that
+    thread too, between two reads of the stream: a message wakes one thread, not gRPC's polling
+    thread, a pool's worker and a generator's queue in turn. The loop is not the thread's event
+    loop and is hidden while the handler runs, so a handler that runs its own
+    (`asyncio.run(...)`, `asyncio.new_event_loop()`) does as it would anywhere else. A handler
+    that blocks holds the stream, as one invocation at a time means; the supervisor's timeout
+    kills the process."""
+    import asyncio
+
+    import grpc  # noqa: F401  (before grpc.aio: an ImportError names what is missing)
+    import grpc.aio
 
     from runtime_python._pb import function_pb2 as pb
     from runtime_python._pb import function_pb2_grpc as pb_grpc
 
-    def admit(context: Any) -> None:
+    loop = asyncio.new_event_loop()
+    set_running_loop = asyncio.events._set_running_loop
+
+    def invoke(request: Any) -> Any:
+        set_running_loop(None)
+        try:
+            return runtime.invoke(request, pb)
+        finally:
+            set_running_loop(loop)
+
+    async def admit(context: Any) -> None:
         """Only the supervisor holds the key: another process that reaches the socket gets nothing."""
         if runtime.key:
             given = dict(context.invocation_metadata()).get(KEY_HEADER, "")
             if not hmac.compare_digest(given.encode(), runtime.key.encode()):
-                context.abort(grpc.StatusCode.PERMISSION_DENIED, "not the supervisor")
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not the supervisor")
 
     class Servicer(pb_grpc.FunctionServicer):
-        def Session(self, batches: Any, context: Any) -> Any:
-            admit(context)
-            for batch in batches:
-                yield pb.ResultBatch(responses=[runtime.invoke(request, pb) for request in batch.requests])
+        async def Session(self, batches: Any, context: Any) -> None:
+            await admit(context)
+            while True:
+                batch = await context.read()
+                if batch is grpc.aio.EOF:
+                    return
+                await context.write(pb.ResultBatch(responses=[invoke(request) for request in batch.requests]))
 
-        def Ping(self, request: Any, context: Any) -> Any:
-            admit(context)
+        async def Ping(self, request: Any, context: Any) -> Any:
+            await admit(context)
             return pb.PingResponse(pid=os.getpid())
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="invoke"),
-        # No bandwidth probes: on a local socket each would only cost frames and wake-ups.
-        options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
-                 ("grpc.http2.bdp_probe", 0)],
-    )
-    pb_grpc.add_FunctionServicer_to_server(Servicer(), server)
-    server.add_insecure_port(f"unix:{path}")
-    server.start()
-    return server
+    async def run() -> None:
+        server = grpc.aio.server(
+            # No bandwidth probes: on a local socket each would only cost frames and wake-ups.
+            options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
+                     ("grpc.http2.bdp_probe", 0)],
+        )
+        pb_grpc.add_FunctionServicer_to_server(Servicer(), server)
+        server.add_insecure_port(f"unix:{path}")
+        await server.start()
+        stopping = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        on_ready()
+        await stopping.wait()
+        # A call in progress has finished: its handler ran on this thread, before the signal was
+        # read. The supervisor escalates to SIGKILL if it takes too long.
+        await server.stop(grace=None)
+
+    loop.run_until_complete(run())
+    flush_output()
+    return 0
 
 
 if __name__ == "__main__":

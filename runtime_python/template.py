@@ -35,11 +35,12 @@ NAME = "oef-template"   # its process name (comm); each fork renames itself afte
 
 def _preload() -> None:
     """Import what every instance imports before it loads its handler."""
-    import concurrent.futures  # noqa: F401
+    import asyncio  # noqa: F401
     import resource  # noqa: F401
     import uuid  # noqa: F401
 
     import grpc  # noqa: F401
+    import grpc.aio  # noqa: F401
 
     from runtime_python._pb import function_pb2, function_pb2_grpc  # noqa: F401
     from runtime_python.confine import libc

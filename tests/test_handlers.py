@@ -269,3 +269,61 @@ def test_summary_lines_can_be_turned_off(broker, daemon_factory, collector):
     wait_until(lambda: collector.on("out"), message="the answer")
     daemon.stop()
     assert "openedge_function.summary" not in daemon.log()
+
+
+ASYNC_HANDLERS = '''
+import asyncio
+
+
+async def double(n):
+    await asyncio.sleep(0.01)
+    return n * 2
+
+
+def run(event, context):
+    # An asynchronous library's way: a loop of the handler's own for each call.
+    try:
+        asyncio.get_running_loop()
+        running = True
+    except RuntimeError:
+        running = False
+    return {"run": asyncio.run(double(event["n"])), "running_loop_seen": running}
+
+
+def legacy(event, context):
+    # The older way, still in the clouds' examples: the thread's loop, kept between calls.
+    loop = asyncio.get_event_loop()
+    return {"legacy": loop.run_until_complete(double(event["n"]))}
+
+
+def gathered(event, context):
+    async def main():
+        return await asyncio.gather(*(double(i) for i in range(event["n"])))
+    loop = asyncio.new_event_loop()
+    try:
+        return {"gathered": loop.run_until_complete(main())}
+    finally:
+        loop.close()
+'''
+
+
+def test_handlers_that_run_their_own_event_loop(broker, daemon_factory, collector):
+    """The instance serves on an event loop; a handler that runs one of its own, in any of the
+    usual ways, sees none running and runs as it would anywhere, call after call."""
+    daemon_factory([function("run", "aio.run", instance={"max": 1}),
+                    function("legacy", "aio.legacy", instance={"max": 1}),
+                    function("gathered", "aio.gathered", instance={"max": 1})],
+                   [rule("r1", "run/in", "run", "run/out"), rule("r2", "legacy/in", "legacy", "legacy/out"),
+                    rule("r3", "gathered/in", "gathered", "gathered/out")],
+                   files={"fn/aio.py": ASYNC_HANDLERS})
+    for n in (1, 2, 3):
+        for name in ("run", "legacy", "gathered"):
+            publish(broker, f"{name}/in", json.dumps({"n": n}).encode(), qos=1)
+    for name in ("run", "legacy", "gathered"):
+        wait_until(lambda: len(collector.on(f"{name}/out")) == 3, message=f"three answers from {name}")
+    answers = {name: [json.loads(m.payload) for m in collector.on(f"{name}/out")]
+               for name in ("run", "legacy", "gathered")}
+    assert sorted(a["run"] for a in answers["run"]) == [2, 4, 6], answers
+    assert not any(a["running_loop_seen"] for a in answers["run"]), answers
+    assert sorted(a["legacy"] for a in answers["legacy"]) == [2, 4, 6], answers
+    assert sorted(len(a["gathered"]) for a in answers["gathered"]) == [1, 2, 3], answers
