@@ -17,9 +17,10 @@ $(VENV)/.installed: pyproject.toml setup.py protos/function.proto
 	$(MAKE) --no-print-directory proto
 	touch $@
 
-# The gRPC stubs are generated from protos/function.proto, never edited.
+# The protobuf messages are generated from protos/function.proto, never edited (protoc comes with
+# grpcio-tools).
 proto:
-	$(PY) -m grpc_tools.protoc -Iruntime_python/_pb=protos --python_out=. --grpc_python_out=. \
+	$(PY) -m grpc_tools.protoc -Iruntime_python/_pb=protos --python_out=. \
 		runtime_python/_pb/function.proto
 
 # A mosquitto on 127.0.0.1:1883 for `make run` (installed with apt-get when missing).

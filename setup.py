@@ -1,4 +1,4 @@
-"""Build hook: generate the gRPC stubs from protos/function.proto before packaging."""
+"""Build hook: generate the protobuf messages from protos/function.proto before packaging."""
 import os
 import subprocess
 import sys
@@ -17,7 +17,7 @@ def generate_stubs() -> None:
         return
     subprocess.check_call(
         [sys.executable, "-m", "grpc_tools.protoc", "-Iruntime_python/_pb=protos",
-         "--python_out=.", "--grpc_python_out=.", "runtime_python/_pb/function.proto"],
+         "--python_out=.", "runtime_python/_pb/function.proto"],
         cwd=HERE,
     )
 

@@ -94,7 +94,6 @@ def _main(argv: List[str]) -> int:
 def _check(path: str, config: AppConfig) -> int:
     """`--check`: the configuration is valid; now load every function as it will run."""
     from .deploy.check import check_all, describe
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     os.umask(0o077)
     failed = check_all(config)
     for index, function, error in failed:

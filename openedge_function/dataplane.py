@@ -1,7 +1,7 @@
 """The data plane: one event loop, in one thread, that every message travels through.
 
 The broker connections (paho-mqtt, driven through its socket callbacks), the pools' queues and
-the gRPC streams to the instances (grpc.aio) all live on this loop, so a message goes from the
+the streams to the instances all live on this loop, so a message goes from the
 intake socket to an instance's stream and from the stream to the publisher's socket without
 waking another Python thread. What may block (starting and reaping processes, reading /proc)
 runs elsewhere: `blocking()` hands it to a small thread pool, and the daemon's own thread

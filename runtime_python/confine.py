@@ -27,7 +27,7 @@ from runtime_python.wire import TMP_DIRS
 
 _PR_SET_DUMPABLE = 4
 _PR_SET_NO_NEW_PRIVS = 38
-# Room for the gRPC server's threads and their stacks above what the instance maps at start, when
+# Room for the handler's threads and their stacks above what the instance maps at start, when
 # RLIMIT_AS stands in for a memory group.
 _ADDRESS_SPACE_ROOM = 512 << 20
 

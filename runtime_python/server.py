@@ -1,4 +1,4 @@
-"""One function instance: load the handler, serve gRPC on a Unix socket, answer one call at a time.
+"""One function instance: load the handler, serve the supervisor on a Unix socket, one call at a time.
 
 Start-up talks to the supervisor over the status socket (an inherited file descriptor, JSON lines):
 the supervisor first sends the function's spec (what the context reports: memory, timeout,
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hmac
 import os
+import queue
 import resource
 import signal
 import socket
@@ -30,7 +31,7 @@ from runtime_python.confine import close_other_files, confine, prctl, take_envir
 from runtime_python.context import context_class
 from runtime_python.loader import LoadError, check_call, load, user_frames
 from runtime_python.output import Budget, LineWriter
-from runtime_python.wire import EXIT_LOAD_ERROR, KEY_HEADER, LOAD_ERROR, LOADED, READY, SPEC
+from runtime_python.wire import EXIT_LOAD_ERROR, LENGTH, LOAD_ERROR, LOADED, READY, SPEC
 
 PR_SET_PDEATHSIG = 1
 # Signals whose default action dumps core. Sent to the whole process (`os.kill(os.getpid(), ...)`)
@@ -290,13 +291,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return serve(Runtime(args, spec, handler, budget), args.socket,
                      lambda: report(status, {READY: os.getpid(), "tmp": confine_module.tmp_status}))
-    except ImportError as exc:   # a pinned protobuf or grpcio the runtime cannot work with
+    except ImportError as exc:   # a pinned protobuf the runtime cannot work with
         return load_failed(status, LoadError(
             f"the runtime cannot import what it needs under {sys.executable}: {exc}", []))
 
 
 # What the runtime itself imports, by distribution name: an interpreter given as `python:` needs them.
-_RUNTIME_PACKAGES = (("grpc", "grpcio"), ("google.protobuf", "protobuf"))
+_RUNTIME_PACKAGES = (("google.protobuf", "protobuf"),)
 
 
 def needs_runtime_packages() -> None:
@@ -312,78 +313,113 @@ def needs_runtime_packages() -> None:
             missing.append(distribution)
     if missing:
         raise LoadError(f"{sys.executable} lacks {' and '.join(missing)}, which the runtime needs: "
-                        f"install them into it ({sys.executable} -m pip install {' '.join(missing)})", [])
+                        f"install into it what it lacks ({sys.executable} -m pip install {' '.join(missing)})", [])
+
+
+class _Stop(BaseException):
+    """SIGTERM or SIGINT while no call runs: the instance ends."""
+
+
+_HELLO_WAIT = 2.0   # seconds a connection has to say its key before it is closed
 
 
 def serve(runtime: Runtime, path: str, on_ready: Callable[[], None]) -> int:
-    """Serve gRPC on the Unix socket `path` until SIGTERM or SIGINT; 0.
+    """Serve the supervisor on the Unix socket `path` until SIGTERM or SIGINT; 0.
 
-    The server runs on an event loop (grpc.aio) in the main thread, and the handler runs on that
-    thread too, between two reads of the stream: a message wakes one thread, not gRPC's polling
-    thread, a pool's worker and a generator's queue in turn. The loop is not the thread's event
-    loop and is hidden while the handler runs, so a handler that runs its own
-    (`asyncio.run(...)`, `asyncio.new_event_loop()`) does as it would anywhere else. A handler
-    that blocks holds the stream, as one invocation at a time means; the supervisor's timeout
-    kills the process."""
-    import asyncio
-
-    import grpc  # noqa: F401  (before grpc.aio: an ImportError names what is missing)
-    import grpc.aio
-
+    The main thread reads a batch, runs the handler on each of its invocations, writes the
+    results, and reads again: a message wakes this one thread, and nothing else runs (wire.py
+    has the framing). A thread at the door takes new connections and admits the one that says
+    the key. A signal that comes during a call ends the instance once the call's results are
+    written; the supervisor escalates to SIGKILL if that takes too long."""
     from runtime_python._pb import function_pb2 as pb
-    from runtime_python._pb import function_pb2_grpc as pb_grpc
 
-    loop = asyncio.new_event_loop()
-    set_running_loop = asyncio.events._set_running_loop
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    hello = pb.PingResponse(pid=os.getpid()).SerializeToString()
+    admitted: "queue.Queue[socket.socket]" = queue.Queue()
+    threading.Thread(target=_door, args=(listener, runtime.key.encode(), hello, admitted), name="door",
+                     daemon=True).start()
+    state = {"busy": False, "stopping": False}
 
-    def invoke(request: Any) -> Any:
-        set_running_loop(None)
-        try:
-            return runtime.invoke(request, pb)
-        finally:
-            set_running_loop(loop)
+    def on_term(signum: int, frame: Any) -> None:
+        state["stopping"] = True
+        if not state["busy"]:
+            raise _Stop
 
-    async def admit(context: Any) -> None:
-        """Only the supervisor holds the key: another process that reaches the socket gets nothing."""
-        if runtime.key:
-            given = dict(context.invocation_metadata()).get(KEY_HEADER, "")
-            if not hmac.compare_digest(given.encode(), runtime.key.encode()):
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not the supervisor")
-
-    class Servicer(pb_grpc.FunctionServicer):
-        async def Session(self, batches: Any, context: Any) -> None:
-            await admit(context)
-            while True:
-                batch = await context.read()
-                if batch is grpc.aio.EOF:
-                    return
-                await context.write(pb.ResultBatch(responses=[invoke(request) for request in batch.requests]))
-
-        async def Ping(self, request: Any, context: Any) -> Any:
-            await admit(context)
-            return pb.PingResponse(pid=os.getpid())
-
-    async def run() -> None:
-        server = grpc.aio.server(
-            # No bandwidth probes: on a local socket each would only cost frames and wake-ups.
-            options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
-                     ("grpc.http2.bdp_probe", 0)],
-        )
-        pb_grpc.add_FunctionServicer_to_server(Servicer(), server)
-        server.add_insecure_port(f"unix:{path}")
-        await server.start()
-        stopping = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stopping.set)
-        on_ready()
-        await stopping.wait()
-        # A call in progress has finished: its handler ran on this thread, before the signal was
-        # read. The supervisor escalates to SIGKILL if it takes too long.
-        await server.stop(grace=None)
-
-    loop.run_until_complete(run())
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    on_ready()
+    invoke, InvokeBatch, ResultBatch = runtime.invoke, pb.InvokeBatch, pb.ResultBatch
+    try:
+        while True:
+            conn = admitted.get()
+            with conn:
+                while True:
+                    data = _read_frame(conn)
+                    if data is None:
+                        break   # the supervisor closed the stream; it may open another
+                    state["busy"] = True
+                    batch = InvokeBatch.FromString(data)
+                    out = ResultBatch(responses=[invoke(request, pb) for request in batch.requests])
+                    data = out.SerializeToString()
+                    conn.sendall(LENGTH.pack(len(data)) + data)
+                    state["busy"] = False
+                    if state["stopping"]:
+                        raise _Stop
+    except _Stop:
+        pass
+    except OSError:   # the stream broke under a write: the supervisor is going or gone
+        pass
+    state["busy"] = True   # a second signal only says so again
     flush_output()
     return 0
+
+
+def _door(listener: socket.socket, key: bytes, hello: bytes, admitted: "queue.Queue[socket.socket]") -> None:
+    """Take each connection; admit one that opens with the key (only the supervisor holds it),
+    answered with `hello`; close any other unanswered."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        try:
+            conn.settimeout(_HELLO_WAIT)
+            given = _read_frame(conn, limit=256)
+            if given is not None and (not key or hmac.compare_digest(given, key)):
+                conn.settimeout(None)
+                conn.sendall(LENGTH.pack(len(hello)) + hello)
+                admitted.put(conn)
+                continue
+        except OSError:
+            pass
+        conn.close()
+
+
+def _read_frame(conn: socket.socket, limit: int = 1 << 32) -> Optional[bytes]:
+    """The next frame's message; None at end of file, or for a frame over `limit` bytes."""
+    head = _read_exactly(conn, LENGTH.size)
+    if head is None:
+        return None
+    size = LENGTH.unpack(head)[0]
+    return None if size > limit else _read_exactly(conn, size)
+
+
+def _read_exactly(conn: socket.socket, size: int) -> Optional[bytes]:
+    data = conn.recv(min(size, 1 << 20))
+    if len(data) == size:
+        return data
+    if not data and size:
+        return None
+    parts, have = [data], len(data)
+    while have < size:
+        chunk = conn.recv(min(size - have, 1 << 20))
+        if not chunk:
+            return None
+        parts.append(chunk)
+        have += len(chunk)
+    return b"".join(parts)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""The template: a process that has imported the runtime (gRPC included) and forks instances.
+"""The template: a process that has imported the runtime (protobuf included) and forks instances.
 
-Starting Python and importing gRPC costs most of an instance's cold start; a fork of a process that
+Starting Python and importing protobuf costs most of an instance's cold start; a fork of a process that
 did it already costs a few milliseconds, and the forks share the imported code's pages.
 
 The supervisor talks to it over a SOCK_SEQPACKET socket (`--control-fd`). Each request is one
@@ -35,14 +35,11 @@ NAME = "oef-template"   # its process name (comm); each fork renames itself afte
 
 def _preload() -> None:
     """Import what every instance imports before it loads its handler."""
-    import asyncio  # noqa: F401
+    import queue  # noqa: F401
     import resource  # noqa: F401
     import uuid  # noqa: F401
 
-    import grpc  # noqa: F401
-    import grpc.aio  # noqa: F401
-
-    from runtime_python._pb import function_pb2, function_pb2_grpc  # noqa: F401
+    from runtime_python._pb import function_pb2  # noqa: F401
     from runtime_python.confine import libc
     libc()   # prctl and the mounts of a private /tmp, in every fork
 

@@ -7,13 +7,15 @@ key says what it is: the supervisor sends SPEC first; the runtime answers LOADED
 initializer ran, the server accepts calls) or LOAD_ERROR (then exits with EXIT_LOAD_ERROR).
 After that, CALL goes out (context.invoke) and REPLY comes back. The template's control socket
 answers a fork request with PID or ERROR, after a TEMPLATE_READY greeting.
+
+The instance's own socket (a Unix stream socket) carries frames of the same length and then a
+protobuf message of function.proto: the supervisor opens with its key (the frame holds the key's
+bytes), the instance answers with a PingResponse, then every InvokeBatch the supervisor writes is
+answered with one ResultBatch. A connection that opens with another key is closed unanswered.
 """
 
 import json
 import struct
-
-# gRPC metadata: the instance's key, which the supervisor alone holds.
-KEY_HEADER = "x-openedge-key"
 
 # The runtime's exit status when the handler or initializer cannot be loaded.
 EXIT_LOAD_ERROR = 4
@@ -26,7 +28,7 @@ LOAD_ERROR = "load_error"
 CALL = "call"
 REPLY = "reply"
 
-# The status socket's framing, and the largest frame the supervisor reads from an instance: a
+# The framing of both sockets, and the largest frame the supervisor reads from an instance: a
 # call's body travels base64-encoded, so a frame of `frame_max(call_max)` carries a body of up to
 # `call_max` bytes (the largest instance.message.length.max), with room for the rest.
 LENGTH = struct.Struct(">I")

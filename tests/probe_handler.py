@@ -57,10 +57,17 @@ def runaway():
             "cgroup": read(f"/proc/{child.pid}/cgroup").strip()}
 
 def ping(path):
-    import grpc
-    from runtime_python._pb import function_pb2, function_pb2_grpc
-    with grpc.insecure_channel("unix:" + path) as channel:
-        return str(function_pb2_grpc.FunctionStub(channel).Ping(function_pb2.PingRequest(), timeout=5))
+    """Open an instance's socket as the supervisor does, with a key of one's own."""
+    import struct
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(path)
+        key = b"0123456789abcdef0123456789abcdef"
+        sock.sendall(struct.pack(">I", len(key)) + key)
+        answer = sock.recv(64)
+    if not answer:
+        raise PermissionError("the instance closed the connection unanswered")
+    return repr(answer)
 
 def handler(event, context):
     what = event["try"]

@@ -260,7 +260,7 @@ def test_python_of_another_venv_is_honoured_and_what_it_lacks_is_named(tmp_path,
     assert _answers(collector, "out/good")[0] == {"mark": "good", "prefix": str(tmp_path / "good")}
     envelope = _answers(collector, "err/bare")[0]
     assert envelope["errorType"] == "FunctionLoadError"
-    assert "lacks grpcio and protobuf, which the runtime needs" in envelope["errorMessage"], envelope
+    assert "lacks protobuf, which the runtime needs" in envelope["errorMessage"], envelope
 
 
 # -- local runs and new functions ---------------------------------------------------------------------

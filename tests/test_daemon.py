@@ -6,9 +6,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
@@ -447,37 +444,6 @@ def test_a_broken_function_is_retried_after_a_back_off_not_in_a_loop(broker, dae
     assert "no module named 'missing_module'" in json.loads(out[0].payload)["errorMessage"]
     # About three seconds of traffic: tries at 0 s, 1 s, 3 s (back-off 1 s, 2 s, 4 s ...).
     assert daemon.log().count("started pid") <= 4
-
-
-def test_children_of_the_daemon_survive_grpc_at_work():
-    """The daemon starts processes (new interpreters as other users, pip) while its data plane's
-    threads are inside gRPC: gRPC's fork handlers must not run in those children, which then died
-    before exec (about one in six)."""
-    script = textwrap.dedent("""
-        import asyncio, subprocess, sys, threading, time
-        import openedge_function  # noqa: F401  (what the daemon imports first)
-        import grpc, grpc.aio
-        from concurrent import futures
-        server = grpc.server(futures.ThreadPoolExecutor(2))
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        loop = asyncio.new_event_loop()
-        async def busy():
-            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-            while True:
-                try:
-                    await channel.unary_unary("/x/y")(b"", timeout=0.01)
-                except Exception:
-                    pass
-        threading.Thread(target=loop.run_until_complete, args=(busy(),), daemon=True).start()
-        time.sleep(0.3)
-        user = {"user": 65534, "group": 65534, "extra_groups": []} if __import__("os").geteuid() == 0 else {}
-        failed = [p.returncode for p in (subprocess.run([sys.executable, "-c", "pass"], capture_output=True, **user)
-                                         for _ in range(80)) if p.returncode]
-        print(failed)
-        """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.stdout.strip() == "[]", (done.stdout, done.stderr[-2000:])
 
 
 def test_json_log_lines_carry_their_function_instance_and_request_and_a_zoned_time(

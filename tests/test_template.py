@@ -73,7 +73,7 @@ def test_a_start_only_variable_gets_a_fresh_interpreter(broker, daemon_factory, 
     assert "runtime_python.template" not in psutil.Process(result["pid"]).cmdline()
 
 
-def test_a_handler_that_forks_leaves_grpc_alone(broker, daemon_factory, collector):
+def test_a_handler_that_forks_answers_from_the_child_and_the_instance(broker, daemon_factory, collector):
     daemon = daemon_factory([function("forks", "tools.forks"),
                              function("fresh", "tools.forks", env={"PYTHONHASHSEED": "1"})],
                             [rule("r1", "in", "forks", "out"), rule("r2", "in2", "fresh", "out2")],

@@ -60,7 +60,6 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--topic", default="local", help="the topic the context reports (default: %(default)s)")
     parser.add_argument("--qos", type=int, choices=(0, 1), default=0)
     args = parser.parse_intermixed_args(argv)
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")   # gRPC's own notices are not the handler's
     try:
         function, who, packages = _function(args)
     except (ConfigError, UsageError) as exc:

@@ -31,11 +31,6 @@ def base_environment() -> Dict[str, str]:
         "LANG": os.environ.get("LANG", "C.UTF-8"),
         "HOME": os.environ.get("HOME", "/"),
         "PYTHONDONTWRITEBYTECODE": "1",
-        # gRPC's fork handlers would run in every subprocess a handler starts, with the server's
-        # threads busy; they can abort the child (seen on Python 3.9, which forks without vfork).
-        "GRPC_ENABLE_FORK_SUPPORT": "0",
-        # gRPC's C core writes its own informational lines to stderr, the handler's output.
-        "GRPC_VERBOSITY": os.environ.get("GRPC_VERBOSITY", "ERROR"),
     }
 
 

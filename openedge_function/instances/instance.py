@@ -1,8 +1,8 @@
 """One instance: a runtime_python process with its gRPC server on a Unix socket.
 
 The process side (spawn, wait for the runtime to load, signal, reap) blocks and runs in the data
-plane's control threads; the stream (stream.py) is grpc.aio and runs on the data plane's loop. An
-instance is used only after it proved ready (its status socket says so, then a Ping over gRPC).
+plane's control threads; the stream (stream.py) runs on the data plane's loop. An instance is used
+only after it proved ready (its status socket says so, then it answers the key on its own socket).
 Stopping escalates and always reaps: SIGTERM to the process group, a grace period, SIGKILL, wait.
 
 What else an instance has is in modules of its own: its status socket (status.py), its output
