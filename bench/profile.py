@@ -3,7 +3,7 @@
 Starts its own mosquitto and the daemon on the echo function (as `make bench` does), drives it at
 a fixed rate, and records the supervisor and one instance with py-spy (`pip install py-spy`) for
 the length of the run. Prints, for each process, the CPU milliseconds per message by thread and
-by area of the code (paho, gRPC, asyncio, the pool, logging, ...), from samples of running threads.
+by area of the code (paho, protobuf, asyncio, the pool, logging, ...), from samples of running threads.
 
     python bench/profile.py --rate 1000 --qos 0 --seconds 8
 """

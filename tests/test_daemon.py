@@ -114,8 +114,7 @@ def test_json_in_json_out_with_every_context_key_and_env(broker, daemon_factory,
     environ = result["environ"]
     assert "s3cret-broker-pw" not in json.dumps(environ)
     assert set(environ) <= {"PATH", "LANG", "HOME", "TMPDIR", "PYTHONDONTWRITEBYTECODE", "USER_ID",
-                            "OPENEDGE_FUNCTION_NAME", "OPENEDGE_FUNCTION_INSTANCE_ID", "LC_CTYPE",
-                            "GRPC_ENABLE_FORK_SUPPORT", "GRPC_VERBOSITY"}
+                            "OPENEDGE_FUNCTION_NAME", "OPENEDGE_FUNCTION_INSTANCE_ID", "LC_CTYPE"}
     assert result["pid"] in daemon.instance_pids()
 
 

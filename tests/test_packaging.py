@@ -21,7 +21,7 @@ def test_the_wheel_is_whole_and_runs_from_itself(tmp_path):
         names = set(archive.namelist())
         archive.extractall(tmp_path / "unpacked")
     for needed in ("runtime_python/server.py", "runtime_python/wire.py", "runtime_python/_pb/function_pb2.py",
-                   "runtime_python/_pb/function_pb2_grpc.py", "openedge_function/share/openedge-function.service",
+                   "openedge_function/share/openedge-function.service",
                    "openedge_function/share/application.yml", "openedge_function/config/model.py",
                    "openedge_function/instances/spawner.py"):
         assert needed in names, needed

@@ -22,7 +22,7 @@ def about(event, context):
             "env": sorted(k for k in os.environ if k.startswith("PYTHON"))}
 
 def forks(event, context):
-    # Plain fork() (subprocess on Python 3.9 uses it too): gRPC's fork handlers must not run.
+    # Plain fork() (subprocess on Python 3.9 uses it too), from the instance's own thread.
     codes = []
     for _ in range(event["n"]):
         pid = os.fork()

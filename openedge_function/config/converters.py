@@ -12,7 +12,7 @@ PACKET_MAX = 268435455 + 5
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
 # The smallest hub.maxsize: below it, an error envelope (without the input) may not fit either.
 _MAXSIZE_MIN = 1024
-# Below this a Python instance with its gRPC server cannot start.
+# Below this a Python instance cannot start.
 _MEMORY_MIN = 8 << 20
 
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}

@@ -1,7 +1,7 @@
 """Instances: the runtime processes a pool runs, and what starting and watching them takes.
 
 instance.py      one process: spawn, wait until it serves, signal, reap
-stream.py        its gRPC stream (on the data plane's loop)
+stream.py        its stream (on the data plane's loop)
 status.py        its status socket: spec out; loaded, ready, load errors and calls in
 output.py        what it prints, into the daemon's log within the function's log.max
 environment.py   its environment and its spec

@@ -18,7 +18,8 @@ from ..isolation import RunAs
 # The runtime package sits beside this one; an interpreter other than ours finds it through this.
 RUNTIME_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(pb.__file__))))
 _BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# Threads of the runtime itself (main, lifeline, gRPC's), on top of what instance.pids allows a handler.
+# Threads of the runtime itself (main, lifeline, door) and room to spare, on top of what
+# instance.pids allows a handler.
 RUNTIME_TASKS = 16
 # The size of an instance's private /tmp (and /var/tmp, /dev/shm, /run/lock) without instance.memory.
 TMP_SIZE = 128 << 20

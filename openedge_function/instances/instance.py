@@ -1,4 +1,4 @@
-"""One instance: a runtime_python process with its gRPC server on a Unix socket.
+"""One instance: a runtime_python process serving the supervisor on a Unix socket.
 
 The process side (spawn, wait for the runtime to load, signal, reap) blocks and runs in the data
 plane's control threads; the stream (stream.py) runs on the data plane's loop. An instance is used

@@ -107,7 +107,7 @@ def interpreter_prefix(python: str, who: Optional[RunAs]) -> Optional[Tuple[str,
 
 def shadowed(path: str) -> bool:
     """Whether the packages in `path` hold a top-level module this process has imported (the
-    template imports a subset of ours: gRPC, protobuf and the standard library's)."""
+    template imports a subset of ours: protobuf and the standard library's)."""
     return any(name in sys.modules for name in top_level_names(path))
 
 
