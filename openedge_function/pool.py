@@ -49,6 +49,7 @@ class Refusal(enum.Enum):
 
 _BACKOFF_FIRST, _BACKOFF_MAX = 1.0, 60.0
 _TICK = 0.05   # seconds between checks of deadlines, idle instances and `min`
+_SPARE_AGAIN = 10.0   # seconds before another try at a spare, after one that could not be made
 
 
 class Pool:
@@ -102,6 +103,14 @@ class Pool:
         # Called on the loop with the instance once the first instance of the function's own
         # code (not its last good) is ready: the daemon keeps that code as the last good.
         self.on_loaded: Optional[Callable[[Instance], None]] = None
+        # The spare: a fork of the template already in its control group, waiting for its spec,
+        # made while the pool is below max; the next instance to start is this one.
+        self.spares = limits.spare
+        self._spare: Optional[Instance] = None
+        self._spare_coming = False
+        self._spare_after = 0.0   # after a spare that could not be made, the next waits
+        self._spare_forks: Tuple[Any, Tuple[str, ...], bool] = (None, (), False)
+        self._discards = 0        # spares being ended: join() waits for them
 
     @property
     def queue_max(self) -> int:
@@ -216,12 +225,70 @@ class Pool:
         if self._failure is not None:   # after a failure, retry with one instance at a time
             wanted = min(wanted, 1 - self._starting)
         for _ in range(max(0, min(wanted, self._max - len(self._workers)))):
-            self._seq += 1
-            instance = self.spawner.instance(self._code, self._seq, self._on_lost)
+            instance = self._take_spare()
+            if instance is None:
+                self._seq += 1
+                instance = self.spawner.instance(self._code, self._seq, self._on_lost)
             worker = Worker(self, instance)
             self._workers.add(worker)
             self._starting += 1
             worker.task = self.plane.spawn(worker.run())
+        self._prepare_spare()
+
+    # -- the spare (on the loop) -------------------------------------------------------------------
+
+    def _take_spare(self) -> Optional[Instance]:
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        if spare.function is self._code and spare.paths == self.spawner.paths and spare.alive():
+            return spare
+        self._discard(spare)   # made for code or packages the pool no longer starts, or dead
+        return None
+
+    def _prepare_spare(self) -> None:
+        if (not self.spares or self._spare is not None or self._spare_coming or self._closed
+                or self._failure is not None or len(self._workers) >= self._max
+                or time.monotonic() < self._spare_after or not self._forks()):
+            return
+        self._seq += 1
+        spare = self.spawner.instance(self._code, self._seq, self._on_lost)
+        self._spare_coming = True
+        self.plane.spawn(self._make_spare(spare))
+
+    def _forks(self) -> bool:
+        """Whether the pool's instances are forks of the template (only those are made spare: a
+        new interpreter would hold all its memory while it waits)."""
+        code, paths, forks = self._spare_forks
+        if code is not self._code or paths != self.spawner.paths:
+            forks = self.spawner.forks(self._code)
+            self._spare_forks = (self._code, self.spawner.paths, forks)
+        return forks
+
+    async def _make_spare(self, spare: Instance) -> None:
+        try:
+            await self.plane.blocking(spare.prepare, True)
+        except Exception as exc:   # FunctionLoadError, InstanceCrashed, OSError
+            log.debug("function %s: no spare instance (%s)", self.function.name, exc)
+            self._spare_coming = False
+            self._spare_after = time.monotonic() + _SPARE_AGAIN
+            return
+        self._spare_coming = False
+        if self._closed or self._spare is not None:
+            self._discard(spare)
+        else:
+            self._spare = spare
+
+    def _discard(self, spare: Instance) -> None:
+        self._discards += 1
+
+        async def end() -> None:
+            try:
+                await self.plane.blocking(spare.discard)
+            finally:
+                self._discards -= 1
+
+        self.plane.spawn(end())
 
     def _check(self) -> None:
         """Every _TICK: deadlines, idle instances past their idle time, `min` and retries."""
@@ -421,6 +488,9 @@ class Pool:
 
     def _close(self) -> None:
         self._closed = True
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            self._discard(spare)
         idle, self._idle = self._idle, []
         for worker in idle:
             self._mark_retiring(worker)
@@ -447,9 +517,9 @@ class Pool:
         """Wait for every worker to end; True when they all did (and the pool's directory, its
         sockets and temporary files, is gone)."""
         deadline = time.monotonic() + timeout
-        while self._workers and time.monotonic() < deadline:
+        while (self._workers or self._discards or self._spare_coming) and time.monotonic() < deadline:
             time.sleep(0.01)
-        if self._workers:
+        if self._workers or self._discards or self._spare_coming:
             return False
         if self._closed:
             self.spawner.sandbox.remove()
@@ -464,7 +534,7 @@ class Pool:
                 "starting": self._starting, "queued": len(self.backlog),
                 "queue_peak": self.backlog.peak, "dropped": self.dropped,
                 "states": dict(states), "failing": self._failure.message if self._failure else None,
-                "load_failures": self.load_failures}
+                "load_failures": self.load_failures, "spare": self._spare is not None}
 
     @property
     def queue_peak(self) -> int:

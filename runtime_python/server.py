@@ -34,6 +34,7 @@ from runtime_python.output import Budget, LineWriter
 from runtime_python.wire import EXIT_LOAD_ERROR, LENGTH, LOAD_ERROR, LOADED, READY, SPEC
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 # Signals whose default action dumps core. Sent to the whole process (`os.kill(os.getpid(), ...)`)
 # Linux gives one to the main thread and lets the sender run on, so a handler could still answer
 # before the process dies. Blocked everywhere but in the thread running the handler, they always
@@ -234,6 +235,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _start_arguments(args, spec.pop("start", {}))
     process = spec.pop("process", {})
     if args.forked:
+        prctl(PR_SET_NAME, args.instance_id[:15].encode("utf-8") or b"oef-instance")   # a spare no more
         close_other_files([0, 1, 2] + ([status.fileno()] if status is not None else []))
         take_environment(process.get("env", {}))
     codedir = os.path.abspath(args.codedir)

@@ -25,10 +25,9 @@ from typing import Any, Dict, List, Optional
 
 from runtime_python import server
 from runtime_python.confine import prctl
-from runtime_python.server import PR_SET_PDEATHSIG, flush_output
+from runtime_python.server import PR_SET_NAME, PR_SET_PDEATHSIG, flush_output
 from runtime_python.wire import ERROR, PID, TEMPLATE_READY
 
-_PR_SET_NAME = 15
 _MAX_FDS = 3
 NAME = "oef-template"   # its process name (comm); each fork renames itself after its instance
 
@@ -83,7 +82,7 @@ def _fork_instance(request: Dict[str, Any], fds: List[int], control: socket.sock
         try:
             os.close(r)
             # Named before the fork, so the instance carries its name from its first moment.
-            prctl(_PR_SET_NAME, str(request.get("name", ""))[:15].encode("utf-8") or NAME.encode())
+            prctl(PR_SET_NAME, str(request.get("name", ""))[:15].encode("utf-8") or NAME.encode())
             pid = os.fork()
             if pid == 0:
                 os.close(w)
@@ -142,7 +141,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Terminal signals are for the supervisor; the template ends with its control socket.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    prctl(_PR_SET_NAME, NAME.encode())
+    prctl(PR_SET_NAME, NAME.encode())
     if os.getppid() != args.parent_pid:
         return 1
     control = socket.socket(fileno=args.control_fd)

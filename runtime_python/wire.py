@@ -48,6 +48,10 @@ def frame_max(call_max: int) -> int:
 TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
 
+# The process name of a fork of the template that waits for its spec, a pool's spare, until the
+# spec names its instance.
+SPARE_NAME = "oef-spare"
+
 # The template's control socket.
 TEMPLATE_READY = "ready"
 PID = "pid"

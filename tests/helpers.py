@@ -23,6 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from runtime_python.template import NAME as TEMPLATE_NAME
+from runtime_python.wire import SPARE_NAME
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -245,17 +246,18 @@ class DaemonProcess:
         with open(self.log_path, encoding="utf-8", errors="replace") as fh:
             return fh.read()
 
-    def instance_pids(self) -> List[int]:
-        """The runtime processes this daemon started, alive now (remembered for the teardown)."""
+    def instance_pids(self, spares: bool = False) -> List[int]:
+        """The runtime processes this daemon started, alive now, without its pools' spares unless
+        asked (all remembered for the teardown)."""
         if self.process is None:
             return []
-        pids = []
+        pids, spare_pids = [], []
         for proc in psutil.process_iter(["cmdline", "ppid", "name"]):
             if proc.info["ppid"] == self.process.pid and is_instance(proc.info["cmdline"] or [],
                                                                     proc.info["name"]):
-                pids.append(proc.pid)
-        self.seen_pids.update(pids)
-        return pids
+                (spare_pids if proc.info["name"] == SPARE_NAME else pids).append(proc.pid)
+        self.seen_pids.update(pids + spare_pids)
+        return pids + spare_pids if spares else pids
 
     def signal(self, signum: int) -> None:
         assert self.process is not None

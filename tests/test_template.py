@@ -10,6 +10,7 @@ from typing import Optional
 import psutil
 
 from runtime_python.template import NAME as TEMPLATE_NAME
+from runtime_python.wire import SPARE_NAME
 
 from .helpers import alive, function, publish, rule, wait_until
 
@@ -128,3 +129,34 @@ def test_the_template_dies_with_the_daemon(broker, daemon_factory):
     daemon.signal(signal.SIGKILL)
     daemon.wait(10)
     wait_until(lambda: not alive(pids + [template.pid]), message="instance and template to go")
+
+
+def test_a_spare_waits_forked_in_its_group_and_becomes_the_next_instance(broker, daemon_factory, collector):
+    """Below max, a pool keeps one fork of the template ready (named oef-spare, in its control
+    group, without the function's spec); the next instance to start is that process. A pool with
+    `spare: false` keeps none."""
+    daemon = daemon_factory([function("about", "tools.about", instance={"max": 2}),
+                             function("plain", "tools.about", instance={"max": 2, "spare": False})],
+                            [rule("r1", "in", "about", "out"), rule("r2", "in2", "plain", "out2")],
+                            files={"fn/tools.py": TOOLS})
+    [spare] = wait_until(lambda: daemon.instance_pids(spares=True), message="a spare")
+    assert psutil.Process(spare).name() == SPARE_NAME and daemon.instance_pids() == []
+    if os.path.isdir("/sys/fs/cgroup/memory") or os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        assert "/openedge-function" in open(f"/proc/{spare}/cgroup").read() or \
+            "OPENEDGE_FUNCTION_CGROUPS=off" in daemon.log()
+    publish(broker, "in", b"{}")
+    answer = json.loads(wait_until(lambda: collector.on("out"), message="an answer")[0].payload)
+    assert answer["pid"] == spare and answer["ppid"] == daemon.process.pid
+    assert psutil.Process(spare).name() == "about-1"
+    # One instance of two: the pool makes the next spare.
+    [second] = wait_until(lambda: [p for p in daemon.instance_pids(spares=True) if p != spare],
+                          message="the next spare")
+    assert psutil.Process(second).name() == SPARE_NAME
+    # The pool without spares starts its instance when the message comes.
+    publish(broker, "in2", b"{}")
+    plain = json.loads(wait_until(lambda: collector.on("out2"), message="an answer")[0].payload)
+    assert plain["pid"] not in (spare, second)
+    assert sorted(daemon.instance_pids(spares=True)) == sorted([spare, second, plain["pid"]])
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(20) == 0
+    wait_until(lambda: not alive([spare, second, plain["pid"]]), message="the spare to go with the daemon")

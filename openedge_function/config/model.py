@@ -167,6 +167,8 @@ class Limits:
     min: int = setting("min", 0, bounded_int(0, 100))
     max: int = setting("max", 1, bounded_int(1, 100))
     idletime: float = setting("idletime", 600.0, duration)
+    # A process forked ahead of need, already in its control group, while the pool is below max.
+    spare: bool = setting("spare", True, boolean)
     timeout: float = setting("timeout", 30.0, above_zero(duration))
     # RSS limit, 0 = unlimited; also OpenEdge's memory: {limit: 128m, swap: ...}
     memory: int = setting("memory", 0, memory_limit)

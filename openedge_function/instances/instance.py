@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-from runtime_python.wire import frame_max
+from runtime_python.wire import SPARE_NAME, frame_max
 
 from ..config import Function
 from ..errors import FunctionLoadError, InstanceCrashed
@@ -72,6 +72,8 @@ class Instance:
         self.timed_out = False
         self.started_at = 0.0   # when start() began (seconds since the epoch)
         self.check = False      # only load the handler, run nothing (deploy/check.py)
+        self._prepared: Optional[Tuple[socket.socket, int, int, Any]] = None   # prepare()'s, for start()
+        self._name = self.id    # its process name (comm), a fork of the template's
 
     @property
     def state(self) -> State:
@@ -89,9 +91,36 @@ class Instance:
     # -- starting ---------------------------------------------------------------------------
 
     def start(self, ready_timeout: float) -> None:
-        """Spawn the runtime and wait until it has loaded the handler and serves (blocking).
-        Raises FunctionLoadError or InstanceCrashed."""
+        """Spawn the runtime (unless `prepare()` did) and wait until it has loaded the handler and
+        serves (blocking). Raises FunctionLoadError or InstanceCrashed."""
         self.started_at = time.time()   # what it loads is the code as it was from then on
+        self.prepare()
+        assert self._prepared is not None
+        (ours, out_r, err_r, env), self._prepared = self._prepared, None
+        fn = self.function
+        # From here on the fd watcher owns these descriptors and closes them at end-of-file.
+        self.status.attach(ours, self._fdwatch, start_spec(
+            fn, self.id, self.sandbox.who, env, self._key, self.paths, self.socket_path,
+            self.cgroup is not None, self._call_max, self.check))
+        self.output.attach(self._fdwatch, out_r, err_r)
+        self._wait_ready(ready_timeout)
+
+    def forks(self) -> bool:
+        """Whether it will be a fork of the template (else a new interpreter)."""
+        return self._template is not None and forkable(self.function, self.paths, self.sandbox.who)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def prepare(self, spare: bool = False) -> None:
+        """Spawn the runtime and put it in its control group, where it waits for its spec: what
+        `start()` does before the function's code is involved. A pool prepares its `spare` ahead
+        of need, so that the fork and the kernel's wait on a move into a memory group are paid
+        before a message waits on them (a spare is named SPARE_NAME until it starts). Blocking;
+        raises FunctionLoadError or InstanceCrashed."""
+        if self._prepared is not None:
+            return
+        self._name = SPARE_NAME if spare else self.id
         fn, sandbox = self.function, self.sandbox
         limits = fn.instance
         ours, theirs = socket.socketpair()
@@ -139,12 +168,16 @@ class Instance:
                 os.sched_setaffinity(self.process.pid, limits.cpus)
             except OSError as exc:
                 log.warning("instance %s: cannot pin to CPUs %s: %s", self.id, limits.cpus, exc)
-        # From here on the fd watcher owns these descriptors and closes them at end-of-file.
-        self.status.attach(ours, self._fdwatch, start_spec(
-            fn, self.id, sandbox.who, env, self._key, self.paths, self.socket_path, self.cgroup is not None,
-            self._call_max, self.check))
-        self.output.attach(self._fdwatch, out_r, err_r)
-        self._wait_ready(ready_timeout)
+        self._prepared = (ours, out_r, err_r, env)
+
+    def discard(self) -> None:
+        """End a prepared instance that was never started (blocking)."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            prepared[0].close()
+            for fd in prepared[1:3]:
+                os.close(fd)
+        self.kill()
 
     def _wait_ready(self, ready_timeout: float) -> None:
         fn, status = self.function, self.status
@@ -171,9 +204,9 @@ class Instance:
         """A fork of the template when the function allows it, else a fresh interpreter (as the
         function's user from its first instruction)."""
         fn, who = self.function, self.sandbox.who
-        if self._template is not None and forkable(fn, self.paths, who):
+        if self.forks():
             try:
-                pid = self._template.spawn(argv, (status_fd, out_fd, err_fd), self.id)
+                pid = self._template.spawn(argv, (status_fd, out_fd, err_fd), self._name)
                 return ForkedProcess(pid, argv)
             except (OSError, ValueError) as exc:
                 log.warning("instance %s: the template cannot fork it (%s); starting a new "
