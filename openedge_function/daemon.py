@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import gc
 import logging
 import os
 import select
@@ -214,6 +215,11 @@ class Daemon:
             runner.start()
         assert self.handover is not None
         self.handover.follow(config.functions)
+        # What exists now (the imported modules, the configuration, the pools) lives as long as
+        # the daemon: out of the collector's sight, a full collection no longer walks it (~30,000
+        # objects, ~10 ms on a gateway's core, a pause every message in flight would wait out).
+        gc.collect()
+        gc.freeze()
 
     def _check(self, pools: Iterable[Pool], wait: float, when: str) -> None:
         """Load the code of functions that start no instance (`min: 0`) in throwaway instances
