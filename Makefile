@@ -39,6 +39,7 @@ check: install
 test: install
 	@bash scripts/ensure-broker.sh --binary-only
 	@bash scripts/ensure-nats.sh
+	@bash scripts/ensure-chromium.sh
 	@bash tests/vm/ensure-tools.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 

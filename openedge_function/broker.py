@@ -329,6 +329,11 @@ class _Connection:
             self._loop.remove_reader(self._sock)
             self._reader = False
 
+    @property
+    def paused(self) -> List[str]:
+        """Why reading is paused (the pool, the publisher); empty while it reads."""
+        return sorted(self._paused)
+
     def pause(self, reason: str) -> None:
         """Stop reading until `resume(reason)` (on the loop): the function or the publisher is
         saturated."""

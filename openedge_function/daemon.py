@@ -54,6 +54,7 @@ from .rules import RuleRunner
 
 if TYPE_CHECKING:
     from .api.control import ControlSocket
+    from .api.history import History
     from .api.metrics import Metrics
     from .api.server import HttpServer
 
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 
 _TICK = 0.1            # seconds between maintenance passes: memory checks, the template
 _REAP_EVERY = 1.0      # seconds between collecting what instances' subprocesses left orphaned
+_SAMPLE_EVERY = 1.0    # seconds between the console's samples of each function's counts
 _SHUTDOWN_EXTRA = 5.0  # on top of the longest function timeout, for a graceful stop
 CHECK_WAIT = 10.0      # seconds the start waits for the checks of `min: 0` functions at most
 LEAVE_QUIET = 0.5      # seconds a shared subscription must be quiet, after its unsubscribe, to be left
@@ -94,6 +96,9 @@ class Daemon:
         self._posted: Deque[Tuple[Callable[..., None], Tuple[Any, ...]]] = collections.deque()
         self._reaped_at = 0.0
         self.metrics: Optional["Metrics"] = None
+        self.history: Optional["History"] = None    # what the console shows of the past (with a server)
+        self._sampled_at = 0.0
+        self.limits = ""                            # the kernel limits instances get, in words
         self.http: Optional["HttpServer"] = None
         self.control: Optional["ControlSocket"] = None
         self.started_at = time.time()
@@ -144,11 +149,13 @@ class Daemon:
         # Before any child: under cgroup v2 the daemon moves itself into a group of its own.
         self._cgroups, why = detect()
         if self._cgroups is not None:
-            log.info("instances get control groups (%s): memory, pids%s", self._cgroups.describe(),
-                     ", cpu" if self._cgroups.cpu else "")
+            self.limits = (f"control groups ({self._cgroups.describe()}): memory, pids"
+                           + (", cpu" if self._cgroups.cpu else ""))
+            log.info("instances get %s", self.limits)
         else:
-            log.warning("instances get no control groups (%s): memory limits are polled, and "
-                        "rlimits bound processes and address space instead", why)
+            self.limits = (f"no control groups ({why}): memory limits are polled, and rlimits bound "
+                           "processes and address space instead")
+            log.warning("instances get %s", self.limits)
         for name, who in self._users.items():
             log.info("function %s runs as %s", name, who)
         self._fdwatch = FdWatcher()
@@ -255,10 +262,18 @@ class Daemon:
         from .api import status
         from .api.metrics import Metrics
         from .api.server import Api, HttpServer
+        from .api import console
+        from .api.history import History
         self.metrics = Metrics(lambda: self.pools, lambda: self.rules, lambda: self.publisher)
+        history = self.history = History(self.metrics.functions)
+        logging.getLogger().addHandler(history.logs)
+        vitals = console.Vitals()
+        page = console.Console(server, history,
+                               lambda since: console.state(self, status.status(self), history, vitals, since))
         # Reload and restart over the network only behind the token (the control socket has them).
         api = Api(server, self.metrics, lambda: self.pools, lambda: status.health(self),
-                  lambda: status.status(self), self._verbs() if server.token else None)
+                  lambda: status.status(self), self._verbs() if server.token else None, page,
+                  history.failures)
         try:
             self.http = HttpServer(api, server)
         except OSError as exc:
@@ -277,7 +292,8 @@ class Daemon:
         config = self.config
         path = config.control.socket or control_socket(config.file)
         api = Api(Server(host="local", port=0), self.metrics, lambda: self.pools,
-                  lambda: status.health(self), lambda: status.status(self), self._verbs())
+                  lambda: status.health(self), lambda: status.status(self), self._verbs(),
+                  failures=self.history.failures if self.history is not None else None)
         try:
             gid = group_id(config.control.group) if config.control.group else None
             self.control = ControlSocket(path, api, gid)
@@ -382,8 +398,11 @@ class Daemon:
         function = config.function(rule.function)
         if rule.to_nats:
             publisher = self.nats_publisher
-        return RuleRunner(self.plane, rule, config.hub, function, pools[function.name], publisher,
-                          _replies(rule, config), self._journal, config.nats)
+        runner = RuleRunner(self.plane, rule, config.hub, function, pools[function.name], publisher,
+                            _replies(rule, config), self._journal, config.nats)
+        if self.history is not None:
+            runner.on_failure = self.history.failures.on_rule_failure
+        return runner
 
     def _loop(self) -> None:
         while True:
@@ -439,6 +458,9 @@ class Daemon:
                 self._leaving.remove(pool)
         self._transitions = [t for t in self._transitions if t.is_alive()]
         now = time.monotonic()
+        if self.history is not None and now - self._sampled_at >= _SAMPLE_EVERY:
+            self._sampled_at = now
+            self.history.samples.sample()
         if self._template is not None and now - self._reaped_at >= _REAP_EVERY:
             self._reaped_at = now
             self._template.check()
@@ -469,6 +491,8 @@ class Daemon:
             new = dataclasses.replace(new, control=old.control)
         if new.logger != old.logger:
             setup_logging(new.logger)
+            if self.history is not None:
+                logging.getLogger().addHandler(self.history.logs)
         publisher = self.publisher if new.hub == old.hub else self._publisher(new.hub)
         retired_publisher = None if publisher is self.publisher else self.publisher
 
@@ -517,6 +541,8 @@ class Daemon:
                    f"{sum(1 for name in old_pools if name not in pools)} removed")
         log.info("%s: %s", by, summary)
         self.handover.follow(new.functions)
+        if self.history is not None:
+            self.history.samples.forget(pools)
         self._check(fresh, 0, "at the reload")
         transition = threading.Thread(target=self._transition,
                                       args=(stopping, starting, leaving, retired_publisher),

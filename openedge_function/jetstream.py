@@ -21,7 +21,7 @@ import asyncio
 import itertools
 import logging
 import threading
-from typing import Any, Callable, Dict, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from .config import Nats, Subscription
 from .dataplane import DataPlane
@@ -134,6 +134,11 @@ class JetStreamIntake:
         self._room = asyncio.Event()
         self._room.set()
         self._task = self._plane.spawn(self._run())
+
+    @property
+    def paused(self) -> List[str]:
+        """Why pulling is paused; empty while it pulls."""
+        return sorted(self._paused)
 
     def pause(self, reason: str) -> None:
         self._paused.add(reason)

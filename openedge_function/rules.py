@@ -23,7 +23,7 @@ import collections
 import logging
 import time
 import uuid
-from typing import Any, Deque, Dict, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -95,6 +95,8 @@ class RuleRunner:
         self.undeliverable = 0   # not even the envelope was taken: see _not_taken
         self.refused = 0   # MQTT 5 requests not run for their response topic (replies.py)
         self.poisoned = 0  # answered with PoisonMessage instead of run
+        # Told of each message answered with an error envelope: (runner, invocation, error).
+        self.on_failure: Optional[Callable[["RuleRunner", Invocation, InvocationError], None]] = None
 
     def use(self, function: Function, pool: Pool, replies: ReplyPolicy) -> None:
         """Send the next messages to `pool` (its function changed on reload), answer requests
@@ -301,6 +303,8 @@ class RuleRunner:
         self.failed += 1
         if isinstance(error, PoisonMessage):
             self.poisoned += 1
+        if self.on_failure is not None:
+            self.on_failure(self, invocation, error)
         # A load failure is logged once, by the pool; anything else is one warning line, a
         # handler's exception with its stack trace (its last lines, bounded).
         if isinstance(error, FunctionLoadError):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import os
 import shutil
 import signal
@@ -13,7 +14,7 @@ import textwrap
 import threading
 import time
 import zipfile
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import paho.mqtt.client as mqtt
 import psutil
@@ -39,6 +40,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+def request(port: int, method: str, path: str, body: bytes = b"", headers: Optional[Dict[str, str]] = None,
+            timeout: float = 30) -> Tuple[int, http.client.HTTPMessage, bytes]:
+    """One HTTP request to the daemon's server on 127.0.0.1:`port`: (status, headers, body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
 
 
 def free_port() -> int:

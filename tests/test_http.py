@@ -3,7 +3,6 @@ the CLI, against a real daemon over real sockets."""
 from __future__ import annotations
 
 import concurrent.futures
-import http.client
 import json
 import os
 import re
@@ -11,14 +10,13 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Dict, Optional, Tuple
 
 import pytest
 
 from openedge_function.api.server import HEADER_TIMEOUT
 from openedge_function.sdk import Client, InvokeError
 
-from .helpers import free_port, function, publish, rule, wait_until
+from .helpers import free_port, function, publish, request, rule, wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE_WEBAPP = os.path.join(os.path.dirname(HERE), "example", "functions", "webapp", "index.py")
@@ -113,17 +111,6 @@ def plain(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"plain ", environ["PATH_INFO"].encode()]
 '''
-
-
-def request(port: int, method: str, path: str, body: bytes = b"",
-            headers: Optional[Dict[str, str]] = None, timeout: float = 30) -> Tuple[int, http.client.HTTPMessage, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, response.headers, response.read()
-    finally:
-        connection.close()
 
 
 def serving(daemon_factory, functions, files, token: str = "", **server):

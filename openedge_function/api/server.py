@@ -9,6 +9,7 @@ waits in its server thread while the function's pool runs it like any message.
     GET  /status                  functions, instances and counters as JSON
     POST /reload                  re-read the configuration (control socket; here only with a token)
     POST /restart/<function>      new instances of the function's code (the same)
+    GET  /console                 the console: a page for people (api/console.py)
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from runtime_python.sdk import CHAIN_HEADER, DEADLINE_HEADER, REQUEST_ID_HEADER
 from ..config import Function, Server
 from .calls import (Refused, chain_of, check_size, error_answer, event_answer, find, offer,
                     timed_out, wait_of)
+from .console import Console
+from .history import Failures
 from ..errors import InvocationError
 from ..invocation import Invocation, failure, new_request_id
 from ..pool import Pool
@@ -42,6 +45,8 @@ _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized
             405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large", 429: "Too Many Requests",
             500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout",
             431: "Request Header Fields Too Large", 508: "Loop Detected"}
+# Refusals of calls to no function at all: not failures of any function's.
+_NOT_RECORDED = {"UnknownFunction", "NotAnEventFunction", "NotAnHttpFunction"}
 _CHAIN_KEY = "HTTP_" + CHAIN_HEADER.upper().replace("-", "_")         # as the WSGI environ has them
 _DEADLINE_KEY = "HTTP_" + DEADLINE_HEADER.upper().replace("-", "_")
 
@@ -73,21 +78,30 @@ class Api:
 
     def __init__(self, server: Server, metrics: Any, pools: Callable[[], Dict[str, Pool]],
                  health: Callable[[], Tuple[bool, List[str], List[str]]], status: Callable[[], dict],
-                 verbs: Optional[Verbs] = None) -> None:
+                 verbs: Optional[Verbs] = None, console: Optional[Console] = None,
+                 failures: Optional[Failures] = None) -> None:
         self.metrics = metrics
         self._pools = pools       # the running configuration's pools, by function name
         self._health = health
         self._status = status
         self._verbs = verbs       # reload and restart: on the control socket, or behind a token
         self._bearer = f"Bearer {server.token}" if server.token else ""
+        self._console = console
+        self._failures = failures   # where calls answered with an envelope are recorded
 
     # -- routing -------------------------------------------------------------------------------
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         method = environ["REQUEST_METHOD"]
-        if self._bearer and not hmac.compare_digest(environ.get("HTTP_AUTHORIZATION", "").encode(),
-                                                    self._bearer.encode()):
+        bearer = bool(self._bearer) and hmac.compare_digest(environ.get("HTTP_AUTHORIZATION", "").encode(),
+                                                            self._bearer.encode())
+        if self._console is not None and (path == "/console" or path.startswith("/console/")):
+            status, headers, body = self._console(environ, path, bearer)
+            start_response(status, headers + [("Content-Length", str(len(body)))])
+            return [body]
+        if self._bearer and not bearer and not (
+                self._console is not None and path.startswith("/invoke/") and self._console.may_invoke(environ)):
             return self._error(start_response, Refused("Unauthorized", "a bearer token is required "
                                "(Authorization: Bearer <server.token>)"), "")
         if path.startswith("/invoke/"):
@@ -167,6 +181,7 @@ class Api:
                answer: Callable[[Any, str], Iterable[bytes]]) -> Iterable[bytes]:
         """Run a call to function `name`, which must be of `kind`; failures answer the envelope."""
         request_id = new_request_id()
+        body = b""
         try:
             function, pool = self._function(name, query)
             if function.type != kind:
@@ -177,11 +192,20 @@ class Api:
             body = self._body(environ, function)
             outcome = self._run(pool, function, request_id, body, extra(), environ)
         except Refused as refused:
+            if refused.error_type not in _NOT_RECORDED:
+                self._record(refused, name, request_id, kind, body)
             return self._error(start_response, refused, request_id, name)
         error = failure(outcome)
         if error is not None:
+            self._record(error, name, request_id, kind, body)
             return self._error(start_response, error, request_id, name)
         return answer(outcome, request_id)
+
+    def _record(self, error: InvocationError, name: str, request_id: str, kind: str, body: bytes) -> None:
+        """A call answered with an envelope, for the console's recent failures."""
+        if self._failures is not None:
+            self._failures.record(error, name, request_id, "invoke API" if kind == "event" else "HTTP",
+                                  f"/invoke/{name}" if kind == "event" else f"/http/{name}/", body)
 
     # -- shared ------------------------------------------------------------------------------------
 
