@@ -460,7 +460,7 @@ class Daemon:
         now = time.monotonic()
         if self.history is not None and now - self._sampled_at >= _SAMPLE_EVERY:
             self._sampled_at = now
-            self.history.samples.sample()
+            self.history.samples.sample(self.pools)
         if self._template is not None and now - self._reaped_at >= _REAP_EVERY:
             self._reaped_at = now
             self._template.check()
@@ -541,8 +541,6 @@ class Daemon:
                    f"{sum(1 for name in old_pools if name not in pools)} removed")
         log.info("%s: %s", by, summary)
         self.handover.follow(new.functions)
-        if self.history is not None:
-            self.history.samples.forget(pools)
         self._check(fresh, 0, "at the reload")
         transition = threading.Thread(target=self._transition,
                                       args=(stopping, starting, leaving, retired_publisher),

@@ -3,6 +3,7 @@ a real browser, headless Debian chromium driven by Playwright, on the example's 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -10,7 +11,9 @@ from typing import Any, Dict, Optional
 
 import pytest
 
-from openedge_function.api.history import FAILURES, LOG_LINES, SAMPLES
+from openedge_function.api.history import FAILURES, LOG_FUNCTIONS, LOG_LINES, SAMPLES, Failures, LogTail, Samples
+from openedge_function.api.metrics import BOUNDS, Counts, quantile
+from openedge_function.errors import HandlerError, PoisonMessage
 from tests.helpers import ROOT, Collector, free_port, function, publish, request, rule, wait_until
 
 TOKEN = "console-test-token-5e2b"
@@ -65,6 +68,71 @@ EXAMPLE_FUNCTIONS = [function("sayhi", "sayhi.handler", "example/functions/sayhi
                      function("echo", "echo.handler", "example/functions/echo", instance={"max": 2})]
 EXAMPLE_RULES = [rule("rule-sayhi", "t", "sayhi", "t/hi"),
                  rule("rule-echo", "bin", "echo", "bin/echo", qos=0, out_qos=0)]
+
+
+# -- the rings -------------------------------------------------------------------------------------
+
+def test_quantiles_come_from_the_buckets_as_histogram_quantile_reads_them():
+    counts = Counts()
+    assert quantile(0.5, counts.buckets) is None
+    for _ in range(98):
+        counts.observe("ok", 0.0002)      # in the (0.1 ms, 0.25 ms] bucket
+    counts.observe("ValueError", 0.004)   # (2.5 ms, 5 ms]
+    counts.observe("FunctionLoadError", None)
+    counts.observe("ok", 120.0)           # over the last bound
+    assert counts.outcomes == {"ok": 99, "ValueError": 1, "FunctionLoadError": 1} and counts.errors() == 2
+    assert sum(counts.buckets) == 100 and counts.buckets[-1] == 1
+    assert 0.0001 < quantile(0.5, counts.buckets) <= 0.00025
+    assert 0.0025 < quantile(0.99, counts.buckets) <= 0.005
+    assert quantile(1.0, counts.buckets) == BOUNDS[-1]
+
+
+def test_samples_are_bounded_and_read_as_rates():
+    counts = Counts()
+    samples = Samples({"f": counts, "gone": Counts()})
+    for second in range(SAMPLES + 20):
+        for _ in range(second % 5):
+            counts.observe("ok", 0.001)
+        samples.sample(["f", "gone"], now=1000.0 + second)
+    points = samples.series("f")
+    assert len(points) == SAMPLES - 1 and points[-1]["t"] == 1000.0 + SAMPLES + 19
+    assert [p["rate"] for p in points[-5:]] == [float((SAMPLES + 15 + i) % 5) for i in range(5)]
+    assert samples.series("f", since=points[-3]["t"]) == points[-2:]
+    last = samples.last("f")   # the last minute: 60 seconds of 0+1+2+3+4 every 5 seconds
+    assert last["messages"] == 120 and last["errors"] == 0 and 0.5 < last["p50_ms"] <= 1.0
+    samples.sample(["f"], now=2000.0)   # a function no longer configured loses its ring
+    assert samples.series("gone") == [] and samples.last("gone")["messages"] == 0
+
+
+def test_failures_and_log_lines_are_bounded():
+    failures = Failures()
+    for i in range(FAILURES + 3):
+        failures.record(HandlerError("ValueError", f"bad {i}", ["  File x\n", "    raise\n"] * 100), "f",
+                        f"r{i}", "rule r1", "in", b"\xff" * 10000, 1)
+    failures.record(PoisonMessage("delivered 5 times"), "f", "p", "rule r1", "in", b"{}", 1)
+    kept = failures.after(0)
+    assert len(kept) == FAILURES and kept[-1]["poison"] and not kept[0]["poison"]
+    assert kept[0]["packet"]["truncated"] and len(kept[0]["packet"]["base64"]) < 6000
+    assert len(kept[0]["stackTrace"]) == 60 and kept[0]["packet"]["size"] == 10000
+    assert failures.after(kept[-2]["seq"]) == kept[-1:]
+
+    tail = LogTail()
+    logger = logging.getLogger("tests.console.tail")
+    logger.propagate = False
+    logger.addHandler(tail)
+    logger.setLevel(logging.INFO)
+    try:
+        for i in range(LOG_LINES + 10):
+            logger.info("line %d", i, extra={"function": "f", "request_id": f"r{i}"})
+        logger.info("untagged: not kept")
+        for i in range(LOG_FUNCTIONS + 5):
+            logger.info("one", extra={"function": f"g{i}"})
+    finally:
+        logger.removeHandler(tail)
+    lines = tail.after("f", 0, LOG_LINES * 2)
+    assert len(lines) == LOG_LINES and lines[-1]["line"] == f"line {LOG_LINES + 9}"
+    assert lines[-1]["requestId"] == f"r{LOG_LINES + 9}"
+    assert tail.after(f"g{LOG_FUNCTIONS - 2}", 0, 10) and not tail.after(f"g{LOG_FUNCTIONS + 2}", 0, 10)
 
 
 # -- the data endpoints ------------------------------------------------------------------------------

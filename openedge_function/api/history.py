@@ -50,10 +50,17 @@ class Samples:
         self._functions = functions
         self._rings: Dict[str, Deque[Sample]] = {}
 
-    def sample(self, now: Optional[float] = None) -> None:
-        """Copy every function's counts (the daemon's thread, once a second)."""
+    def sample(self, names: Iterable[str], now: Optional[float] = None) -> None:
+        """Copy the counts of the functions `names` (those configured now; the daemon's thread,
+        once a second); the rings of others go."""
         now = round(time.time() if now is None else now, 3)   # as pages see it: `since` compares alike
-        for name, counts in list(self._functions.items()):
+        wanted = set(names)
+        for name in [name for name in self._rings if name not in wanted]:
+            del self._rings[name]
+        for name in wanted:
+            counts = self._functions.get(name)
+            if counts is None:
+                continue
             ring = self._rings.get(name)
             if ring is None:
                 ring = self._rings[name] = collections.deque(maxlen=SAMPLES)
@@ -87,13 +94,6 @@ class Samples:
         delta = [b - a for a, b in zip(first[3], latest[3])]
         return {"messages": latest[1] - first[1], "errors": latest[2] - first[2],
                 "p50_ms": _ms(quantile(0.5, delta)), "p99_ms": _ms(quantile(0.99, delta))}
-
-    def forget(self, keep: Iterable[str]) -> None:
-        """Drop the rings of functions no longer configured."""
-        kept = set(keep)
-        for name in [name for name in self._rings if name not in kept]:
-            del self._rings[name]
-
 
 def _ms(seconds: Optional[float]) -> Optional[float]:
     return None if seconds is None else round(seconds * 1000, 3)
