@@ -23,7 +23,9 @@ def test_the_wheel_is_whole_and_runs_from_itself(tmp_path):
     for needed in ("runtime_python/server.py", "runtime_python/wire.py", "runtime_python/_pb/function_pb2.py",
                    "openedge_function/share/openedge-function.service",
                    "openedge_function/share/application.yml", "openedge_function/config/model.py",
-                   "openedge_function/instances/spawner.py"):
+                   "openedge_function/instances/spawner.py", "openedge_function/api/page/index.html",
+                   "openedge_function/api/page/console.js", "openedge_function/api/page/console.css",
+                   "openedge_function/api/page/login.html"):
         assert needed in names, needed
     assert not [name for name in names if name.startswith("tests/")]
     # Unpacked, with nothing of this checkout on the path: the unit it writes, the example it

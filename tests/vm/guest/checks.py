@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.request
 import zipfile
 from typing import Any, Callable, Dict, List
 
@@ -315,6 +316,23 @@ def main() -> int:
         expect(not os.path.exists("/dev/shm/litter"), "/dev/shm/litter outlived the service")
         logged("rule rule-probe: subscribed", since)
         return f"{line}; at the restart: {removed}"
+
+    @check("console: the package serves the page; it shows cgroup v2 and the failures above")
+    def _() -> str:
+        def get(path: str) -> bytes:
+            with urllib.request.urlopen(f"http://127.0.0.1:8080{path}", timeout=30) as response:
+                return response.read()
+        page = get("/console")
+        expect(b"/console/console.js" in page, page[:200])
+        expect(b"function drawFunctions" in get("/console/console.js"), "no script")
+        state = json.loads(get("/console/api/state"))
+        names = [f["name"] for f in state["functions"]]
+        expect("probe" in names and "hello" in names, names)
+        expect("cgroup v2" in state["health"]["limits"], state["health"]["limits"])
+        failures = json.loads(get("/console/api/failures"))["failures"]
+        types = sorted({f["errorType"] for f in failures if f["function"] == "probe"})
+        expect("MemoryLimitExceeded" in types and "InstanceCrashed" in types, types)
+        return f"functions {names}; limits: {state['health']['limits']}; probe's failures: {types}"
 
     @check("systemctl reload is a SIGHUP reload")
     def _() -> str:
