@@ -142,34 +142,49 @@ def _payload(payload: bytes) -> Dict[str, Any]:
 
 
 class LogTail(logging.Handler):
-    """Keeps the last LOG_LINES log lines of each function."""
+    """Keeps the last LOG_LINES log lines of each function. With execution summaries on, every
+    invocation logs a line: a line is kept as its record's parts, formatted when a page reads it."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._rings: Dict[str, Deque[Dict[str, Any]]] = {}
+        # function -> (seq, time, level, instance, request id, logger, msg, args)
+        self._rings: Dict[str, Deque[Tuple[Any, ...]]] = {}
         self._seq = itertools.count(1)
 
-    def emit(self, record: logging.LogRecord) -> None:
-        function = record.__dict__.get("function")
+    def handle(self, record: logging.LogRecord) -> bool:   # type: ignore[override]
+        """No filters and no lock: appending to a deque and counting are atomic."""
+        fields = record.__dict__
+        function = fields.get("function")
         if not function:
-            return
+            return False
         ring = self._rings.get(function)
         if ring is None:
             if len(self._rings) >= LOG_FUNCTIONS:
-                return
+                return False
             ring = self._rings[function] = collections.deque(maxlen=LOG_LINES)
-        if record.name == "openedge_function.handler" and isinstance(record.args, tuple) and record.args:
-            text = str(record.args[-1])   # what the handler printed, without the tags around it
-        else:
-            text = record.getMessage()
-        ring.append({"seq": next(self._seq), "time": round(record.created, 3), "level": record.levelname.lower(),
-                     "instance": record.__dict__.get("instance") or "",
-                     "requestId": record.__dict__.get("request_id") or "", "line": text[:LINE_MAX]})
+        ring.append((next(self._seq), record.created, record.levelname, fields.get("instance") or "",
+                     fields.get("request_id") or "", record.name, record.msg, record.args))
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.handle(record)
 
     def after(self, function: str, seq: int, limit: int) -> List[Dict[str, Any]]:
         """Function `function`'s lines after `seq`, the last `limit` of them."""
-        lines = [line for line in list(self._rings.get(function, ())) if line["seq"] > seq]
-        return lines[-limit:]
+        kept = [line for line in list(self._rings.get(function, ())) if line[0] > seq][-limit:]
+        return [{"seq": number, "time": round(created, 3), "level": level.lower(), "instance": instance,
+                 "requestId": request_id, "line": _text(logger, msg, args)[:LINE_MAX]}
+                for number, created, level, instance, request_id, logger, msg, args in kept]
+
+
+def _text(logger: str, msg: Any, args: Any) -> str:
+    """A kept line's text, as the log has it; what a handler printed without the tags around it."""
+    if logger == "openedge_function.handler" and isinstance(args, tuple) and args:
+        return str(args[-1])
+    try:
+        return str(msg) % args if args else str(msg)
+    except (TypeError, ValueError):
+        return f"{msg} {args}"
 
 
 class History:
