@@ -14,6 +14,7 @@ Results: a table on stdout, JSON in --out, a latency histogram PNG with --plot.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import statistics
@@ -34,10 +35,12 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 from runtime_python.template import NAME as TEMPLATE_NAME  # noqa: E402
-from tests.helpers import Broker, is_instance, wait_until  # noqa: E402  (the tests' fixtures)
+from tests.helpers import Broker, free_port, is_instance, wait_until  # noqa: E402  (the tests' fixtures)
 
 ECHO = "def handler(event, context):\n    return event\n"
 PROTOCOL = ""   # hub.protocol of the daemons measured ("": the daemon's default); --protocol
+CONSOLE = "off"  # the HTTP server and its console: off, closed or open; --console
+CONSOLE_TOKEN = "bench-console-token"
 
 
 def say(text: str) -> None:
@@ -169,6 +172,7 @@ class DaemonUnderTest:
 
     def __init__(self, workdir: str, port: int, max_instances: int, min_instances: int, tag: str) -> None:
         self.workdir = os.path.join(workdir, tag)
+        self.console: Optional[ConsoleReader] = None
         os.makedirs(os.path.join(self.workdir, "fn"), exist_ok=True)
         with open(os.path.join(self.workdir, "fn", "echo.py"), "w") as fh:
             fh.write(ECHO)
@@ -182,6 +186,9 @@ class DaemonUnderTest:
             # Production logging at these rates: warnings only (no per-invocation summary lines).
             "logger": {"level": "warning", "path": "daemon.log", "console": False},
         }
+        if CONSOLE != "off":   # the HTTP server, with its console closed or open
+            self.http_port = free_port()
+            config["server"] = {"address": f"127.0.0.1:{self.http_port}", "token": CONSOLE_TOKEN}
         self.config = os.path.join(self.workdir, "application.yml")
         with open(self.config, "w") as fh:
             yaml.safe_dump(config, fh)
@@ -196,6 +203,8 @@ class DaemonUnderTest:
             self.stop()   # its log (daemon.log in the work directory) says why
             raise
         time.sleep(0.5)   # let the rule subscribe (no log at level warning to wait on)
+        if CONSOLE == "open":
+            self.console = ConsoleReader(self.http_port)
 
     def instances(self) -> List[psutil.Process]:
         if self.process is None:
@@ -223,6 +232,8 @@ class DaemonUnderTest:
                 "template_pss_mb": mb(templates[0].pss) if templates else None}
 
     def stop(self) -> None:
+        if self.console is not None:
+            self.console.close()
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -230,6 +241,46 @@ class DaemonUnderTest:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class ConsoleReader:
+    """What an open console page asks of the daemon, as often as it asks (api/page/console.js):
+    the state and the failures every 2 s, the followed function's log lines every second."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._stop = threading.Event()
+        self.requests = 0
+        self._thread = threading.Thread(target=self._run, name="console", daemon=True)
+        self._thread.start()
+
+    def _get(self, path: str) -> dict:
+        connection = http.client.HTTPConnection("127.0.0.1", self._port, timeout=10)
+        try:
+            connection.request("GET", path, headers={"Authorization": f"Bearer {CONSOLE_TOKEN}"})
+            self.requests += 1
+            return json.loads(connection.getresponse().read())
+        finally:
+            connection.close()
+
+    def _run(self) -> None:
+        since, failure, line, tick = 0.0, 0, 0, 0
+        while not self._stop.wait(1.0):
+            try:
+                if tick % 2 == 0:
+                    state = self._get(f"/console/api/state?since={since}")
+                    since = max([since] + [p["t"] for f in state["functions"] for p in f["series"]])
+                    failures = self._get(f"/console/api/failures?after={failure}")["failures"]
+                    failure = max([failure] + [f["seq"] for f in failures])
+                lines = self._get(f"/console/api/logs?function=echo&after={line}")["lines"]
+                line = max([line] + [entry["seq"] for entry in lines])
+            except (OSError, ValueError) as exc:
+                say(f"  console: {exc}")
+            tick += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def cold_start(workdir: str, port: int, driver: Driver, tries: int) -> dict:
@@ -355,12 +406,16 @@ def main() -> int:
     parser.add_argument("--broker", help="host:port of a broker to use instead of starting one")
     parser.add_argument("--protocol", default="", help="hub.protocol of the daemon: 3.1.1, 5 or auto "
                         "(default: the daemon's own default)")
+    parser.add_argument("--console", choices=("off", "closed", "open"), default="off",
+                        help="the daemon's HTTP server and its console: off (no server), closed (a "
+                             "server no one looks at) or open (one page polling it, as a browser does)")
     parser.add_argument("--out", default=os.path.join(ROOT, "var", "bench.json"))
     parser.add_argument("--plot", nargs="?", const=os.path.join(ROOT, "var", "bench-latency.png"),
                         help="draw a latency histogram PNG (needs matplotlib)")
     args = parser.parse_args()
-    global PROTOCOL
+    global PROTOCOL, CONSOLE
     PROTOCOL = args.protocol
+    CONSOLE = args.console
     rates = [float(r) for r in args.rates.split(",") if r]
 
     workdir = tempfile.mkdtemp(prefix="oef-bench-")
