@@ -259,11 +259,10 @@ class Daemon:
     def _serve(self, server: Server) -> None:
         """Bind the HTTP server (it serves once the pools exist)."""
         # Imported only with a server: a daemon without one doesn't carry them.
-        from .api import status
+        from .api import console, status
+        from .api.history import History
         from .api.metrics import Metrics
         from .api.server import Api, HttpServer
-        from .api import console
-        from .api.history import History
         self.metrics = Metrics(lambda: self.pools, lambda: self.rules, lambda: self.publisher)
         history = self.history = History(self.metrics.functions)
         logging.getLogger().addHandler(history.logs)

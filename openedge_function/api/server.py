@@ -19,7 +19,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
 from urllib.parse import parse_qs, quote
 
 from runtime_python._pb import function_pb2 as pb
@@ -28,11 +28,13 @@ from runtime_python.sdk import CHAIN_HEADER, DEADLINE_HEADER, REQUEST_ID_HEADER
 from ..config import Function, Server
 from .calls import (Refused, chain_of, check_size, error_answer, event_answer, find, offer,
                     timed_out, wait_of)
-from .console import Console
-from .history import Failures
 from ..errors import InvocationError
 from ..invocation import Invocation, failure, new_request_id
 from ..pool import Pool
+
+if TYPE_CHECKING:   # a daemon without a server (the control socket's Api) loads neither
+    from .console import Console
+    from .history import Failures
 
 log = logging.getLogger("openedge_function.api")
 
