@@ -38,7 +38,7 @@ CHECKS = [
     "cgroup v2: pids.max stops a fork bomb",
     "cgroup v2: cpu.max caps a spinner at instance.cpu.cpus",
     "cgroup v2: a child that left its process group dies with its instance (cgroup.kill)",
-    "console: the package serves the page; it shows cgroup v2 and the failures above",
+    "console: the package serves the page; it shows cgroup v2 and a failure",
     "systemctl reload is a SIGHUP reload",
     "systemctl stop drains and acknowledges: every message answered once across a restart",
     "journalctl -u has the daemon's log, with levels",
