@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -38,6 +39,7 @@ CHECKS = [
     "cgroup v2: pids.max stops a fork bomb",
     "cgroup v2: cpu.max caps a spinner at instance.cpu.cpus",
     "cgroup v2: a child that left its process group dies with its instance (cgroup.kill)",
+    "temporary directories: shared under the unit, and what a function leaves there goes with it",
     "console: the package serves the page; it shows cgroup v2 and a failure",
     "systemctl reload is a SIGHUP reload",
     "systemctl stop drains and acknowledges: every message answered once across a restart",
@@ -177,3 +179,10 @@ def test_gateway(guest, name):
     result = guest.get(name)
     assert result is not None, f"the guest did not get to {name!r}"
     assert result["ok"], result["detail"]
+
+
+def test_every_check_of_the_guest_is_reported_here():
+    """A check the guest runs but this file does not list would pass or fail unseen."""
+    with open(os.path.join(VM, "guest", "checks.py")) as fh:
+        names = re.findall(r'^    @check\("([^"]+)"\)', fh.read(), re.M)
+    assert names == CHECKS
