@@ -51,6 +51,10 @@ function number(value, digits) {
   return Number(value).toLocaleString(undefined, { maximumFractionDigits: digits === undefined ? 2 : digits });
 }
 
+function count(n, noun) {
+  return `${number(n, 0)} ${noun}${n === 1 ? "" : "s"}`;
+}
+
 function when(seconds) {
   return new Date(seconds * 1000).toLocaleTimeString();
 }
@@ -138,7 +142,7 @@ function functionCard(f) {
       ["code error", code.error, "error"],
       ["failing", f.failing, "error"],
       ["packages", f.packages === null ? "no requirements.txt" : f.packages],
-      ["last minute", `${number(minute.messages, 0)} messages · ${number(minute.errors, 0)} errors · ` +
+      ["last minute", `${count(minute.messages, "message")} · ${count(minute.errors, "error")} · ` +
                       `p50 ${number(minute.p50_ms, 3)} ms · p99 ${number(minute.p99_ms, 3)} ms`],
       ["errors", errors || "none"],
       ["limits", `timeout ${f.limits.timeout_s} s · memory ${f.limits.memory_mb ? f.limits.memory_mb + " MB" : "unlimited"}` +
