@@ -109,7 +109,8 @@ class Pool:
         self._spare: Optional[Instance] = None
         self._spare_coming = False
         self._spare_after = 0.0   # after a spare that could not be made, the next waits
-        self._spare_forks: Tuple[Any, Tuple[str, ...], bool] = (None, (), False)
+        # (code, packages) whose instances are not forks of the template: no spare for them
+        self._spareless: Tuple[Optional[Function], Tuple[str, ...]] = (None, ())
         self._discards = 0        # spares being ended: join() waits for them
 
     @property
@@ -249,31 +250,28 @@ class Pool:
     def _prepare_spare(self) -> None:
         if (not self.spares or self._spare is not None or self._spare_coming or self._closed
                 or self._failure is not None or len(self._workers) >= self._max
-                or time.monotonic() < self._spare_after or not self._forks()):
+                or time.monotonic() < self._spare_after
+                or (self._spareless[0] is self._code and self._spareless[1] == self.spawner.paths)):
             return
         self._seq += 1
         spare = self.spawner.instance(self._code, self._seq, self._on_lost)
         self._spare_coming = True
-        self.plane.spawn(self._make_spare(spare))
+        self.plane.spawn(self._make_spare(spare, self._seq))
 
-    def _forks(self) -> bool:
-        """Whether the pool's instances are forks of the template (only those are made spare: a
-        new interpreter would hold all its memory while it waits)."""
-        code, paths, forks = self._spare_forks
-        if code is not self._code or paths != self.spawner.paths:
-            forks = self.spawner.forks(self._code)
-            self._spare_forks = (self._code, self.spawner.paths, forks)
-        return forks
-
-    async def _make_spare(self, spare: Instance) -> None:
+    async def _make_spare(self, spare: Instance, seq: int) -> None:
         try:
-            await self.plane.blocking(spare.prepare, True)
+            made = await self.plane.blocking(spare.prepare, True)
         except Exception as exc:   # FunctionLoadError, InstanceCrashed, OSError
             log.debug("function %s: no spare instance (%s)", self.function.name, exc)
             self._spare_coming = False
             self._spare_after = time.monotonic() + _SPARE_AGAIN
             return
         self._spare_coming = False
+        if not made:   # its instances are new interpreters: none is made spare
+            self._spareless = (spare.function, spare.paths)
+            if self._seq == seq:
+                self._seq -= 1   # its number goes to the next instance, as if it was never asked for
+            return
         if self._closed or self._spare is not None:
             self._discard(spare)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from typing import Optional
 
 import psutil
@@ -19,6 +20,7 @@ import os, subprocess, sys, time
 
 def about(event, context):
     return {"pid": os.getpid(), "ppid": os.getppid(), "cwd": os.getcwd(), "path0": sys.path[0],
+            "id": context["functionInstanceID"],
             "hash_randomization": sys.flags.hash_randomization,
             "env": sorted(k for k in os.environ if k.startswith("PYTHON"))}
 
@@ -67,8 +69,12 @@ def test_instances_are_forks_of_the_template_and_children_of_the_daemon(broker, 
 def test_a_start_only_variable_gets_a_fresh_interpreter(broker, daemon_factory, collector):
     daemon = daemon_factory([function("about", "tools.about", env={"PYTHONHASHSEED": "0"})],
                             [rule("r1", "in", "about", "out")], files={"fn/tools.py": TOOLS})
+    # A new interpreter would hold all its memory while it waited: its pool keeps no spare.
+    time.sleep(1.5)
+    assert daemon.instance_pids(spares=True) == []
     publish(broker, "in", b"{}")
     result = json.loads(wait_until(lambda: collector.on("out"), message="an answer")[0].payload)
+    assert result["id"] == "about-1"   # the spare it did not make took no number
     assert result["hash_randomization"] == 0
     assert result["ppid"] == daemon.process.pid
     assert "runtime_python.template" not in psutil.Process(result["pid"]).cmdline()

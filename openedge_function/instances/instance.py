@@ -112,14 +112,18 @@ class Instance:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def prepare(self, spare: bool = False) -> None:
+    def prepare(self, spare: bool = False) -> bool:
         """Spawn the runtime and put it in its control group, where it waits for its spec: what
         `start()` does before the function's code is involved. A pool prepares its `spare` ahead
         of need, so that the fork and the kernel's wait on a move into a memory group are paid
-        before a message waits on them (a spare is named SPARE_NAME until it starts). Blocking;
-        raises FunctionLoadError or InstanceCrashed."""
+        before a message waits on them (a spare is named SPARE_NAME until it starts). Only a fork
+        of the template is made spare (a new interpreter would hold all its memory while it
+        waits): False, and nothing spawned, for a spare that would not be one. Blocking (whether
+        it forks may ask the function's interpreter); raises FunctionLoadError or InstanceCrashed."""
         if self._prepared is not None:
-            return
+            return True
+        if spare and not self.forks():
+            return False
         self._name = SPARE_NAME if spare else self.id
         fn, sandbox = self.function, self.sandbox
         limits = fn.instance
@@ -169,6 +173,7 @@ class Instance:
             except OSError as exc:
                 log.warning("instance %s: cannot pin to CPUs %s: %s", self.id, limits.cpus, exc)
         self._prepared = (ours, out_r, err_r, env)
+        return True
 
     def discard(self) -> None:
         """End a prepared instance that was never started (blocking)."""

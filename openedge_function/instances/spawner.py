@@ -14,7 +14,7 @@ from ..isolation import Sandbox
 from .fdwatch import FdWatcher
 from .instance import Instance
 from .status import OnCall
-from .template import Template, forkable
+from .template import Template
 
 
 class Spawner:
@@ -29,10 +29,6 @@ class Spawner:
         self.paths: Tuple[str, ...] = ()   # the function's own packages, on its instances' sys.path
         self.call_max = 4 << 20   # the largest body of a call its instances make: the daemon's
         #   largest instance.message.length.max
-
-    def forks(self, function: Function) -> bool:
-        """Whether the instances of `function` will be forks of the template."""
-        return self.template is not None and forkable(function, self.paths, self.sandbox.who)
 
     def instance(self, function: Function, seq: int, on_lost: Callable[[Instance], None]) -> Instance:
         """A new instance (not yet started)."""
