@@ -177,6 +177,14 @@ def test_a_function_of_the_same_user_cannot_drive_another_instance(tmp_path, bro
         outcome = gw.probe("ping", victim_socket)
         assert outcome["done"] is False and "closed the connection unanswered" in outcome["message"], outcome
         assert gw.run("victim", {"n": 2})["echo"] == {"n": 2}
+        # A stranger claiming a 4 GB frame is closed at once, one who says nothing within 2 s;
+        # neither holds the instance up.
+        outcome = gw.probe("ping", [victim_socket, "huge"])
+        assert outcome["done"] is False and "unanswered after 0." in outcome["message"], outcome
+        outcome = gw.probe("ping", [victim_socket, "silent"])
+        assert outcome["done"] is False and "closed the connection unanswered" in outcome["message"], outcome
+        assert 1.5 <= float(outcome["message"].rsplit("after ", 1)[1].rstrip("s")) < 8, outcome
+        assert gw.run("victim", {"n": 3})["echo"] == {"n": 3}
     finally:
         gw.stop()
 
