@@ -23,7 +23,7 @@ import socket
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
-from runtime_python.wire import CALL, LENGTH, REPLY, frame
+from runtime_python.wire import CALL, REPLY, SocketFrames, frame
 
 
 class CallTooLarge(ValueError):
@@ -37,7 +37,7 @@ class Channel:
         self._ids = itertools.count(1)
         self._waiting: Dict[int, List[Any]] = {}    # call id -> [Event, reply]
         self._lock = threading.Lock()
-        self._buffer = bytearray()
+        self._frames = SocketFrames(sock)
         self._pid = os.getpid()
         self.call_max = 4 << 20   # the largest body of a call (the spec says)
         self.closed = False
@@ -50,24 +50,10 @@ class Channel:
         with self._send_lock:
             self._sock.sendall(data)
 
-    def _read(self, size: int) -> bool:
-        while len(self._buffer) < size:
-            chunk = self._sock.recv(max(65536, size - len(self._buffer)))
-            if not chunk:
-                return False
-            self._buffer += chunk
-        return True
-
     def read_message(self) -> Optional[dict]:
         """The next message from the supervisor; None at end of file."""
-        if not self._read(LENGTH.size):
-            return None
-        size = LENGTH.unpack_from(self._buffer)[0]
-        if not self._read(LENGTH.size + size):
-            return None
-        data = bytes(self._buffer[LENGTH.size:LENGTH.size + size])
-        del self._buffer[:LENGTH.size + size]
-        return json.loads(data)
+        data = self._frames.read()
+        return None if data is None else json.loads(data)
 
     def call(self, function: str, body: bytes, headers: Dict[str, str], query: Dict[str, str],
              timeout: Optional[float]) -> "tuple[int, Dict[str, str], bytes]":

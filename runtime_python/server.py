@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from runtime_python import channel, codec, wsgi
 from runtime_python import confine as confine_module
@@ -31,7 +31,7 @@ from runtime_python.confine import close_other_files, confine, prctl, take_envir
 from runtime_python.context import context_class
 from runtime_python.loader import LoadError, check_call, load, user_frames
 from runtime_python.output import Budget, LineWriter
-from runtime_python.wire import EXIT_LOAD_ERROR, LENGTH, LOAD_ERROR, LOADED, READY, SPEC
+from runtime_python.wire import EXIT_LOAD_ERROR, LENGTH, LOAD_ERROR, LOADED, READY, SPEC, SocketFrames
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
@@ -339,7 +339,7 @@ def serve(runtime: Runtime, path: str, on_ready: Callable[[], None]) -> int:
     listener.bind(path)
     listener.listen(8)
     hello = pb.PingResponse(pid=os.getpid()).SerializeToString()
-    admitted: "queue.Queue[socket.socket]" = queue.Queue()
+    admitted: "queue.Queue[Tuple[socket.socket, SocketFrames]]" = queue.Queue()
     threading.Thread(target=_door, args=(listener, runtime.key.encode(), hello, admitted), name="door",
                      daemon=True).start()
     state = {"busy": False, "stopping": False}
@@ -355,10 +355,10 @@ def serve(runtime: Runtime, path: str, on_ready: Callable[[], None]) -> int:
     invoke, InvokeBatch, ResultBatch = runtime.invoke, pb.InvokeBatch, pb.ResultBatch
     try:
         while True:
-            conn = admitted.get()
+            conn, frames = admitted.get()
             with conn:
                 while True:
-                    data = _read_frame(conn)
+                    data = frames.read()
                     if data is None:
                         break   # the supervisor closed the stream; it may open another
                     state["busy"] = True
@@ -378,7 +378,8 @@ def serve(runtime: Runtime, path: str, on_ready: Callable[[], None]) -> int:
     return 0
 
 
-def _door(listener: socket.socket, key: bytes, hello: bytes, admitted: "queue.Queue[socket.socket]") -> None:
+def _door(listener: socket.socket, key: bytes, hello: bytes,
+          admitted: "queue.Queue[Tuple[socket.socket, SocketFrames]]") -> None:
     """Take each connection; admit one that opens with the key (only the supervisor holds it),
     answered with `hello`; close any other unanswered."""
     while True:
@@ -388,40 +389,16 @@ def _door(listener: socket.socket, key: bytes, hello: bytes, admitted: "queue.Qu
             return
         try:
             conn.settimeout(_HELLO_WAIT)
-            given = _read_frame(conn, limit=256)
+            frames = SocketFrames(conn)
+            given = frames.read(limit=256)
             if given is not None and (not key or hmac.compare_digest(given, key)):
                 conn.settimeout(None)
                 conn.sendall(LENGTH.pack(len(hello)) + hello)
-                admitted.put(conn)
+                admitted.put((conn, frames))
                 continue
         except OSError:
             pass
         conn.close()
-
-
-def _read_frame(conn: socket.socket, limit: int = 1 << 32) -> Optional[bytes]:
-    """The next frame's message; None at end of file, or for a frame over `limit` bytes."""
-    head = _read_exactly(conn, LENGTH.size)
-    if head is None:
-        return None
-    size = LENGTH.unpack(head)[0]
-    return None if size > limit else _read_exactly(conn, size)
-
-
-def _read_exactly(conn: socket.socket, size: int) -> Optional[bytes]:
-    data = conn.recv(min(size, 1 << 20))
-    if len(data) == size:
-        return data
-    if not data and size:
-        return None
-    parts, have = [data], len(data)
-    while have < size:
-        chunk = conn.recv(min(size - have, 1 << 20))
-        if not chunk:
-            return None
-        parts.append(chunk)
-        have += len(chunk)
-    return b"".join(parts)
 
 
 if __name__ == "__main__":

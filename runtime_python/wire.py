@@ -15,7 +15,9 @@ answered with one ResultBatch. A connection that opens with another key is close
 """
 
 import json
+import socket
 import struct
+from typing import Optional
 
 # The runtime's exit status when the handler or initializer cannot be loaded.
 EXIT_LOAD_ERROR = 4
@@ -32,6 +34,36 @@ REPLY = "reply"
 # call's body travels base64-encoded, so a frame of `frame_max(call_max)` carries a body of up to
 # `call_max` bytes (the largest instance.message.length.max), with room for the rest.
 LENGTH = struct.Struct(">I")
+
+
+class SocketFrames:
+    """The frames that come on a blocking socket (the runtime's ends of both sockets). What a read
+    brings beyond one frame is kept for the next, so a small frame costs one read."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+
+    def read(self, limit: int = 1 << 32) -> Optional[bytes]:
+        """The next frame's message; None at end of file, or for a frame over `limit` bytes
+        (what follows is then out of step: the connection is to be closed). Raises OSError."""
+        if not self._fill(LENGTH.size):
+            return None
+        size = LENGTH.unpack_from(self._buffer)[0]
+        if size > limit or not self._fill(LENGTH.size + size):
+            return None
+        data = bytes(self._buffer[LENGTH.size:LENGTH.size + size])
+        del self._buffer[:LENGTH.size + size]
+        return data
+
+    def _fill(self, size: int) -> bool:
+        buffer = self._buffer
+        while len(buffer) < size:
+            chunk = self._sock.recv(max(65536, size - len(buffer)))
+            if not chunk:
+                return False
+            buffer += chunk
+        return True
 
 
 def frame(message: dict) -> bytes:
